@@ -1,0 +1,158 @@
+"""The method interface. A continual-learning method is one class behind these hooks.
+
+The task loop (`retain.train.sequence`) and the trainer (`retain.train.trainer`) call only
+these hooks and know no method names. A method registers itself with `@register_method`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from retain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+    from retain.data.prompt import PromptBuilder
+    from retain.data.tasks import TaskData
+    from retain.eval.predict import EvalContext, Score
+    from retain.hparams.parser import RunConfig
+    from retain.train.loss import LossScale
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of the sequence. `index` is 0-based, `id` is 1-based (row `id` of the matrix)."""
+
+    index: int
+    name: str
+
+    @property
+    def id(self) -> int:
+        return self.index + 1
+
+
+class CLMethod:
+    """Base class: sequential LoRA fine-tuning behaviour with no-op hooks to override."""
+
+    name: ClassVar[str] = ""
+    #: Dataclass of the method's own config keys (None: the method has none).
+    arguments: ClassVar[type | None] = None
+    #: Tasks are saved in `output_dir / task_dir_pattern.format(id=..., index=...)`.
+    task_dir_pattern: ClassVar[str] = "task_{id}"
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.args = config.method_args
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.tasks: list[Task] = []
+
+    # ---- layout ---------------------------------------------------------------
+    def task_dir(self, task: Task) -> Path:
+        return Path(self.config.training.output_dir) / self.task_dir_pattern.format(
+            id=task.id, index=task.index
+        )
+
+    # ---- model and data ----------------------------------------------------------
+    def model_kind(self) -> str:
+        """'causal-lm' (default) or 'encoder': which auto class loads the backbone."""
+        return "causal-lm"
+
+    def encode_task(self, data: TaskData, builder: PromptBuilder, cutoff_len: int) -> None:
+        """Fill `data.train_rows` with what the collator takes (default: prompt + answer ids, answer-only labels)."""
+        from retain.data.tasks import encode_task
+
+        encode_task(data, builder, cutoff_len)
+
+    def collator(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        from retain.data.prompt import TrainCollator
+
+        return TrainCollator(tokenizer.pad_token_id)
+
+    def prepare_model(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+        """Wrap the base model with the method's adapters (called once per process)."""
+        raise NotImplementedError
+
+    def begin_task(self, model: torch.nn.Module, task: Task, data: TaskData) -> None:
+        """Activate or create what the task trains. Called before the trainer is built."""
+
+    def training_rows(self, task: Task, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The encoded rows the trainer sees for this task (replay mixes earlier rows in here)."""
+        return rows
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], scale: LossScale
+    ) -> torch.Tensor:
+        """The training loss of one micro-batch, normalised through `scale`."""
+        from retain.train.loss import causal_lm_loss
+
+        return causal_lm_loss(model, inputs, scale)
+
+    def callbacks(self, model: torch.nn.Module) -> list[TrainerCallback]:
+        """Trainer callbacks for this task (for example an EMA update after each optimizer step)."""
+        return []
+
+    def end_task(self, model: torch.nn.Module, task: Task, data: TaskData) -> None:
+        """Update method state after training the task (every rank)."""
+
+    def save_task(self, model: torch.nn.Module, task: Task, directory: Path) -> None:
+        """Write everything needed to continue after `task` into `directory` (main process only)."""
+        raise NotImplementedError
+
+    def load_task(self, model: torch.nn.Module, task: Task | None, directory: Path) -> None:
+        """Restore the state that `save_task` wrote, as the starting point of the next task."""
+        raise NotImplementedError
+
+    # ---- evaluation -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluation(self, model: torch.nn.Module, trained: Task | None, evaluated: Task) -> Iterator[None]:
+        """Select what answers for `evaluated` after training `trained` (None: the base model)."""
+        if trained is None:
+            with model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def evaluate(
+        self, model: torch.nn.Module, trained: Task | None, evaluated: Task, data: TaskData, ctx: EvalContext
+    ) -> Score:
+        """Score the model on `evaluated`'s test split (default: greedy generation, exact match)."""
+        from retain.eval.predict import generative_score
+
+        label = "base" if trained is None else f"after {trained.name}"
+        return generative_score(model, data, ctx, desc=f"eval {evaluated.name} ({label})")
+
+
+_REGISTRY: dict[str, type[CLMethod]] = {}
+
+
+def register_method(cls: type[CLMethod]) -> type[CLMethod]:
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method name '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_registry() -> dict[str, type[CLMethod]]:
+    import retain.cl  # noqa: F401  (imports the built-in methods)
+
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> type[CLMethod]:
+    registry = method_registry()
+    if name not in registry:
+        raise ConfigError(
+            f"unknown method '{name}'; available: {', '.join(sorted(registry))}", field="cl_method"
+        )
+    return registry[name]

@@ -1,0 +1,178 @@
+"""The `retain` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from retain.errors import RetainError
+
+
+def _format_matrix(metrics: dict[str, Any]) -> str:
+    from retain.eval.report import row_labels
+
+    tasks = metrics["tasks"]
+    labels = row_labels(tasks)
+    width = max(len(x) for x in labels)
+    cols = [max(6, len(t)) for t in tasks]
+    lines = [" " * width + "  " + "  ".join(t.rjust(c) for t, c in zip(tasks, cols, strict=True))]
+    for label, row in zip(labels, metrics["matrix"], strict=True):
+        cells = ["n/a" if v is None else f"{100 * v:.1f}" for v in row]
+        lines.append(
+            label.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols, strict=True))
+        )
+    values = []
+    for key in ("last", "avg", "bwt", "fwt", "forgetting"):
+        v = metrics.get(key)
+        values.append(f"{key}={'n/a' if v is None else f'{100 * v:.1f}'}")
+    return "\n".join(lines) + "\n" + "  ".join(values) + "  (accuracy %)"
+
+
+def _print_result(metrics: dict[str, Any], output_dir: Path) -> None:
+    print("accuracy matrix (%): row = after training task, column = evaluated task")
+    print(_format_matrix(metrics))
+    print(f"report: {output_dir / 'report.md'}")
+
+
+def cmd_run(args: argparse.Namespace, mode: str) -> int:
+    from retain.hparams.parser import load_config
+    from retain.train.sequence import Session
+
+    config = load_config(args.config, args.overrides)
+    session = Session(config, force=args.force)
+    if session.is_finished() and mode != "train":
+        print(f"nothing to do: the run in {session.run_dir} is finished")
+        from retain.eval.report import load_metrics
+
+        _print_result(load_metrics(session.run_dir), session.run_dir)
+        return 0
+    result = session.run(train=mode != "eval", evaluate=mode != "train")
+    if session.state_.is_main_process:
+        if result is None:
+            print(f"trained {len(session.state.trained)} task(s); states in {session.output_dir}")
+        else:
+            _print_result(result, session.run_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from retain.api import report
+
+    metrics = report(args.run_dir)
+    _print_result(metrics, Path(args.run_dir))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from retain.model.aliases import ALIASES, alias_dir, is_prepared, prepare_alias
+
+    if args.prepare:
+        for name in args.prepare:
+            if name not in ALIASES:
+                raise RetainError(f"unknown alias '{name}' (known: {', '.join(ALIASES)})")
+            print(f"{name}: {prepare_alias(name, args.cache_dir)}")
+        return 0
+    for alias in ALIASES.values():
+        if not alias.package:
+            status = "built in code"
+        elif is_prepared(alias.name, args.cache_dir):
+            status = f"ready at {alias_dir(alias.name, args.cache_dir)}"
+        else:
+            status = "not prepared (retain models --prepare NAME)"
+        print(f"{alias.name:24s} {alias.kind:10s} {status}\n{'':24s} {alias.description}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from retain.cl.base import method_registry
+
+    for name, cls in sorted(method_registry().items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:10s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from retain.cl.base import get_method
+    from retain.hparams.parser import GROUPS, field_help
+
+    groups = list(GROUPS.items())
+    if args.method:
+        cls = get_method(args.method)
+        if cls.arguments:
+            groups.append((f"method {args.method}", cls.arguments))
+    for group, cls in groups:
+        print(f"[{group}]")
+        for key, default, text in field_help(cls):
+            print(f"  {key} (default {default}): {text}")
+    print(
+        "[training] every transformers.TrainingArguments field (learning_rate, num_train_epochs, seed, ...)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retain", description="Continual learning for language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "train every task, evaluate after each, write metrics and the report"),
+        ("train", "train every task and save each task's state (no evaluation)"),
+        ("eval", "evaluate the saved task states and write metrics and the report"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+        p.add_argument("--force", action="store_true", help="continue a run even if the config changed")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p = sub.add_parser("report", help="rebuild the report from a run's metrics.json")
+    p.add_argument("run_dir")
+    p = sub.add_parser("models", help="list the offline model aliases, or prepare them")
+    p.add_argument("--prepare", nargs="+", metavar="NAME", help="fetch and convert these aliases now")
+    p.add_argument("--cache-dir", default=None, help="cache root (default $RETAIN_CACHE or ~/.cache/retain)")
+    sub.add_parser("methods", help="list the registered continual-learning methods")
+    p = sub.add_parser("keys", help="list the accepted config keys with their help")
+    p.add_argument("method", nargs="?", help="also list this method's keys")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    for name in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handlers = {
+        "run": lambda a: cmd_run(a, "run"),
+        "train": lambda a: cmd_run(a, "train"),
+        "eval": lambda a: cmd_run(a, "eval"),
+        "report": cmd_report,
+        "models": cmd_models,
+        "methods": cmd_methods,
+        "keys": cmd_keys,
+    }
+    try:
+        return handlers[args.command](args)
+    except RetainError as exc:
+        if args.debug:
+            raise
+        print(f"retain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("retain: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

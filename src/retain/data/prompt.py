@@ -1,0 +1,92 @@
+"""Prompts through the tokenizer's chat template, and answer-only labels."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from retain.data.registry import Example
+
+IGNORE_INDEX = -100
+
+
+class PromptBuilder:
+    """Turns examples into token ids: the prompt (ending where the answer starts) and the answer + EOS."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto"):
+        self.tokenizer = tokenizer
+        self.use_chat = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+
+    def prompt_text(self, example: Example) -> str:
+        messages = list(example.messages)
+        if self.use_chat:
+            if example.system:
+                messages = [{"role": "system", "content": example.system}, *messages]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        parts = [example.system] if example.system else []
+        for message in messages:
+            prefix = "### Instruction:\n" if message["role"] == "user" else "### Response:\n"
+            parts.append(prefix + message["content"])
+        parts.append("### Response:\n")
+        return "\n\n".join(parts)
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        return self.tokenizer(self.prompt_text(example), add_special_tokens=False)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+
+    def encode_train(self, example: Example, cutoff_len: int) -> dict[str, list[int]]:
+        """Prompt + answer, cut to `cutoff_len` from the right; labels cover the answer only."""
+        prompt = self.prompt_ids(example)
+        answer = self.answer_ids(example.answer)
+        input_ids = (prompt + answer)[:cutoff_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:cutoff_len]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+_TRAILING_PUNCT = re.compile(r"[\s.,;:!?。]+$")
+
+
+def normalize_answer(text: str) -> str:
+    """Case-folded, surrounding whitespace and trailing punctuation removed."""
+    return _TRAILING_PUNCT.sub("", text.strip()).strip().casefold()
+
+
+def pad_batch(
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    side: str = "right",
+    keys: tuple[str, ...] = ("input_ids", "labels"),
+) -> dict[str, Any]:
+    """Pad variable-length rows into tensors, with an attention mask. Labels pad with -100."""
+    import torch
+
+    width = max(len(row["input_ids"]) for row in rows)
+    out: dict[str, list[list[int]]] = {key: [] for key in keys if key in rows[0]}
+    out["attention_mask"] = []
+    for row in rows:
+        gap = width - len(row["input_ids"])
+        for key in out:
+            if key == "attention_mask":
+                continue
+            fill = IGNORE_INDEX if key == "labels" else pad_id
+            values = list(row[key])
+            out[key].append(values + [fill] * gap if side == "right" else [fill] * gap + values)
+        mask = [1] * len(row["input_ids"])
+        out["attention_mask"].append(mask + [0] * gap if side == "right" else [0] * gap + mask)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in out.items()}
+
+
+class TrainCollator:
+    """Right-pads encoded training rows."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return pad_batch(rows, self.pad_id, side="right")

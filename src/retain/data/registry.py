@@ -1,0 +1,232 @@
+"""LLaMA-Factory-style `dataset_info.json` and `benchmark_info.json`, and the rows they point at."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retain.errors import DataError
+
+ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "system": None,
+    "history": None,
+}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+}
+
+
+@dataclass
+class Example:
+    """One row: the conversation up to the answer, and the answer to learn or predict."""
+
+    messages: list[dict[str, str]]
+    answer: str
+    system: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{what} not found", source=str(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)
+        ) from None
+    except UnicodeDecodeError:
+        raise DataError("not a UTF-8 text file", source=str(path)) from None
+
+
+def load_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
+    path = Path(dataset_dir) / "dataset_info.json"
+    info = _read_json(path, "dataset registry")
+    if not isinstance(info, dict):
+        raise DataError("expected an object of dataset entries", source=str(path))
+    for name, entry in info.items():
+        if not isinstance(entry, dict):
+            raise DataError("expected an object with 'file_name'", source=str(path), field=name)
+    return info
+
+
+def benchmark_tasks(benchmark_dir: str | Path, benchmark: str, order: str) -> list[str]:
+    path = Path(benchmark_dir) / "benchmark_info.json"
+    info = _read_json(path, "benchmark registry")
+    if not isinstance(info, dict) or benchmark not in info:
+        known = ", ".join(sorted(info)) if isinstance(info, dict) else "none"
+        raise DataError(f"no benchmark '{benchmark}' (known: {known})", source=str(path), field="benchmark")
+    orders = info[benchmark].get("orders", {}) if isinstance(info[benchmark], dict) else {}
+    if order not in orders:
+        raise DataError(
+            f"no order '{order}' in benchmark '{benchmark}' (known: {', '.join(sorted(orders)) or 'none'})",
+            source=str(path),
+            field="benchmark_order",
+        )
+    tasks = orders[order]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise DataError(
+            "expected a non-empty list of task names", source=str(path), field=f"{benchmark}.{order}"
+        )
+    return tasks
+
+
+def entry(info: dict[str, Any], name: str, dataset_dir: Path) -> dict[str, Any]:
+    if name not in info:
+        raise DataError(
+            f"no dataset entry '{name}'", source=str(dataset_dir / "dataset_info.json"), field=name
+        )
+    return info[name]
+
+
+def resolve_file(dataset_dir: Path, name: str, spec: dict[str, Any]) -> Path:
+    """The data file of an entry; it must lie inside `dataset_dir`."""
+    registry = str(dataset_dir / "dataset_info.json")
+    file_name = spec.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        raise DataError("missing 'file_name'", source=registry, field=name)
+    root = dataset_dir.resolve()
+    path = (root / file_name).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(
+            f"file_name '{file_name}' points outside the dataset directory {root}",
+            source=registry,
+            field=name,
+        )
+    return path
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of objects, or JSON Lines."""
+    if not path.is_file():
+        raise DataError("data file not found", source=str(path))
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"malformed JSON line {number}: {exc.msg}", source=str(path)) from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)
+            ) from None
+    if not isinstance(records, list):
+        raise DataError("expected a list of rows", source=str(path))
+    if not records:
+        raise DataError("the dataset is empty", source=str(path))
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"row {index}: expected an object", source=str(path))
+    return records
+
+
+def _text(record: dict[str, Any], column: str, path: Path, index: int, required: bool) -> str:
+    value = record.get(column)
+    if value is None:
+        if required:
+            raise DataError(f"row {index}: missing column '{column}'", source=str(path))
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"row {index}: column '{column}' must be a string", source=str(path))
+    return value
+
+
+def _alpaca(records: list[dict[str, Any]], columns: dict[str, Any], path: Path) -> list[Example]:
+    cols = {**ALPACA_COLUMNS, **columns}
+    examples = []
+    for index, record in enumerate(records):
+        prompt = _text(record, cols["prompt"], path, index, required=True)
+        query = _text(record, cols["query"], path, index, required=False) if cols["query"] else ""
+        answer = _text(record, cols["response"], path, index, required=True)
+        system = _text(record, cols["system"], path, index, required=False) if cols["system"] else ""
+        messages: list[dict[str, str]] = []
+        if cols["history"] and record.get(cols["history"]):
+            history = record[cols["history"]]
+            if not isinstance(history, list) or not all(
+                isinstance(t, list | tuple) and len(t) == 2 for t in history
+            ):
+                raise DataError(
+                    f"row {index}: '{cols['history']}' must be a list of [query, answer] pairs",
+                    source=str(path),
+                )
+            for old_query, old_answer in history:
+                messages += [
+                    {"role": "user", "content": str(old_query)},
+                    {"role": "assistant", "content": str(old_answer)},
+                ]
+        content = f"{prompt}\n{query}" if query else prompt
+        messages.append({"role": "user", "content": content})
+        examples.append(Example(messages=messages, answer=answer, system=system or None))
+    return examples
+
+
+def _sharegpt(records: list[dict[str, Any]], spec: dict[str, Any], path: Path) -> list[Example]:
+    cols = {**SHAREGPT_COLUMNS, **spec.get("columns", {})}
+    tags = {**SHAREGPT_TAGS, **spec.get("tags", {})}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    examples = []
+    for index, record in enumerate(records):
+        turns = record.get(cols["messages"])
+        if not isinstance(turns, list) or not turns:
+            raise DataError(
+                f"row {index}: missing column '{cols['messages']}' (a list of turns)", source=str(path)
+            )
+        system = _text(record, cols["system"], path, index, required=False) if cols["system"] else ""
+        messages = []
+        for turn_index, turn in enumerate(turns):
+            if not isinstance(turn, dict) or turn.get(tags["role_tag"]) not in roles:
+                raise DataError(
+                    f"row {index}, turn {turn_index}: expected '{tags['role_tag']}' in {sorted(roles)}",
+                    source=str(path),
+                )
+            content = turn.get(tags["content_tag"])
+            if not isinstance(content, str):
+                raise DataError(
+                    f"row {index}, turn {turn_index}: missing '{tags['content_tag']}' text", source=str(path)
+                )
+            role = roles[turn[tags["role_tag"]]]
+            if role == "system":
+                system = content
+            else:
+                messages.append({"role": role, "content": content})
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataError(f"row {index}: the last turn must be the assistant's answer", source=str(path))
+        examples.append(
+            Example(messages=messages[:-1], answer=messages[-1]["content"], system=system or None)
+        )
+    return examples
+
+
+def load_examples(dataset_dir: str | Path, info: dict[str, Any], name: str) -> list[Example]:
+    """Read and parse the rows of one registry entry."""
+    dataset_dir = Path(dataset_dir)
+    spec = entry(info, name, dataset_dir)
+    path = resolve_file(dataset_dir, name, spec)
+    formatting = spec.get("formatting", "alpaca")
+    records = read_records(path)
+    if formatting == "alpaca":
+        return _alpaca(records, spec.get("columns", {}), path)
+    if formatting == "sharegpt":
+        return _sharegpt(records, spec, path)
+    raise DataError(
+        f"unknown formatting '{formatting}' (expected alpaca or sharegpt)",
+        source=str(dataset_dir / "dataset_info.json"),
+        field=name,
+    )

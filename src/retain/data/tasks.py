@@ -1,0 +1,108 @@
+"""Resolve a config's task sequence and load each task's train and test data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retain.data.builtin import resolve_dataset_dir
+from retain.data.prompt import IGNORE_INDEX, PromptBuilder, normalize_answer
+from retain.data.registry import Example, benchmark_tasks, load_dataset_info, load_examples
+from retain.errors import DataError
+from retain.hparams.args import DataArguments
+
+logger = logging.getLogger(__name__)
+
+#: A task whose train split has at most this many distinct answers is treated as classification.
+MAX_LABELS = 64
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: list[Example]
+    test: list[Example]
+    #: Normalised answers of the train split (or `label_list`), when the task is classification.
+    labels: list[str] | None
+    spec: dict[str, Any] = field(default_factory=dict)
+    train_rows: list[dict[str, list[int]]] = field(default_factory=list)
+    truncated_rows: int = 0
+    dropped_rows: int = 0
+
+
+def task_sequence(data: DataArguments) -> tuple[Path, list[str]]:
+    """The dataset directory and the ordered task names."""
+    if data.benchmark:
+        bench_dir = resolve_dataset_dir(data.benchmark_dir or data.dataset_dir)
+        return bench_dir, benchmark_tasks(bench_dir, data.benchmark, data.benchmark_order or "")
+    assert data.cl_tasks
+    if len(set(data.cl_tasks)) != len(data.cl_tasks):
+        raise DataError("a task is listed twice", field="cl_tasks")
+    return resolve_dataset_dir(data.dataset_dir), list(data.cl_tasks)
+
+
+def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArguments) -> TaskData:
+    train = load_examples(dataset_dir, info, name)
+    test_name = f"{name}_test"
+    if test_name not in info:
+        raise DataError(
+            f"task '{name}' has no test split: add an entry '{test_name}'",
+            source=str(dataset_dir / "dataset_info.json"),
+            field=test_name,
+        )
+    test = load_examples(dataset_dir, info, test_name)
+    if data.max_samples:
+        train = train[: data.max_samples]
+    if data.eval_max_samples:
+        test = test[: data.eval_max_samples]
+    spec = info[name]
+    labels = spec.get("label_list")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise DataError(
+                "'label_list' must be a list of strings",
+                source=str(dataset_dir / "dataset_info.json"),
+                field=name,
+            )
+        labels = sorted({normalize_answer(x) for x in labels})
+    else:
+        distinct = sorted({normalize_answer(e.answer) for e in train})
+        labels = distinct if len(distinct) <= MAX_LABELS else None
+    return TaskData(name=name, train=train, test=test, labels=labels, spec=spec)
+
+
+def load_tasks(data: DataArguments) -> list[TaskData]:
+    dataset_dir, names = task_sequence(data)
+    info = load_dataset_info(dataset_dir)
+    return [load_task(dataset_dir, info, name, data) for name in names]
+
+
+def encode_task(task: TaskData, builder: PromptBuilder, cutoff_len: int) -> None:
+    """Fill `task.train_rows`; rows whose answer is cut away entirely are dropped and counted."""
+    rows, truncated, dropped = [], 0, 0
+    for example in task.train:
+        row = builder.encode_train(example, cutoff_len)
+        full = len(builder.prompt_ids(example)) + len(builder.answer_ids(example.answer))
+        if full > cutoff_len:
+            truncated += 1
+        if all(label == IGNORE_INDEX for label in row["labels"][1:]):
+            dropped += 1
+            continue
+        rows.append(row)
+    if not rows:
+        raise DataError(
+            f"every answer of task '{task.name}' is truncated away by cutoff_len={cutoff_len}; raise cutoff_len",
+            field="cutoff_len",
+        )
+    if truncated:
+        logger.warning(
+            "task %s: %d of %d train rows cut to cutoff_len=%d (%d dropped: no answer left)",
+            task.name,
+            truncated,
+            len(task.train),
+            cutoff_len,
+            dropped,
+        )
+    task.train_rows, task.truncated_rows, task.dropped_rows = rows, truncated, dropped

@@ -1,0 +1,160 @@
+"""Results on disk: metrics.json, the matrix as CSV, report.md and two PNG plots (all written atomically)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from retain.errors import RetainError
+from retain.eval.metrics import all_metrics
+from retain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METRICS_FILE = "metrics.json"
+MATRIX_CSV = "accuracy_matrix.csv"
+HEATMAP_PNG = "accuracy_matrix.png"
+CURVE_PNG = "accuracy_curve.png"
+REPORT_MD = "report.md"
+
+
+def row_labels(tasks: list[str]) -> list[str]:
+    return ["base", *[f"after {name}" for name in tasks]]
+
+
+def build_metrics(
+    tasks: list[str], matrix: list[list[float | None]], extra: dict[str, Any]
+) -> dict[str, Any]:
+    return {"tasks": tasks, "matrix": matrix, **all_metrics(matrix), **extra}
+
+
+def write_results(output_dir: str | Path, metrics: dict[str, Any]) -> None:
+    out = Path(output_dir)
+    tasks, matrix = metrics["tasks"], metrics["matrix"]
+    atomic_write_json(out / METRICS_FILE, metrics)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["after", *tasks])
+    for label, row in zip(["base", *tasks], matrix, strict=True):
+        writer.writerow([label, *["" if v is None else f"{v:.6f}" for v in row]])
+    atomic_write_text(out / MATRIX_CSV, buffer.getvalue())
+    atomic_write_bytes(out / HEATMAP_PNG, heatmap_png(tasks, matrix, metrics.get("title", "")))
+    atomic_write_bytes(out / CURVE_PNG, curve_png(tasks, matrix, metrics.get("title", "")))
+    atomic_write_text(out / REPORT_MD, report_markdown(metrics))
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise RetainError("no metrics.json: run `retain run` or `retain eval` first", source=str(path))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RetainError(f"malformed JSON: {exc.msg}", source=str(path)) from None
+
+
+def _fmt(value: float | None, percent: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}" if percent else f"{value:.4f}"
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    tasks, matrix = metrics["tasks"], metrics["matrix"]
+    lines = [f"# {metrics.get('title') or 'Continual-learning run'}", ""]
+    info = [(k, metrics[k]) for k in ("method", "model", "seed", "wall_time_s") if k in metrics]
+    if info:
+        lines += [", ".join(f"**{k}**: {v}" for k, v in info), ""]
+    lines += [
+        "## Metrics (accuracy in %)",
+        "",
+        "| Last | Avg | BWT | FWT | Forgetting |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        "| " + " | ".join(_fmt(metrics.get(k)) for k in ("last", "avg", "bwt", "fwt", "forgetting")) + " |",
+        "",
+    ]
+    lines += [
+        "## Accuracy matrix (%)",
+        "",
+        "Row k: after training task k; column i: test accuracy on task i.",
+        "",
+    ]
+    lines += ["| after \\ task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label, row in zip(row_labels(tasks), matrix, strict=True):
+        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+    counts = metrics.get("eval_counts")
+    if counts:
+        lines += ["", "## Test rows", "", "| task | scored | unlabeled (not scored) |", "|---|---|---|"]
+        lines += [f"| {t} | {c['scored']} | {c['unlabeled']} |" for t, c in counts.items()]
+    lines += ["", f"![accuracy matrix]({HEATMAP_PNG})", "", f"![accuracy per task]({CURVE_PNG})", ""]
+    lines += [
+        "Definitions: Last = mean of the final row; Avg = mean over steps of the mean over seen tasks;",
+        "BWT = mean over i<T of R[T][i] - R[i][i]; FWT = mean over i>1 of R[i-1][i] - R[0][i];",
+        "Forgetting = mean over i<T of max_{i<=k<T} R[k][i] - R[T][i]. Plain means over tasks.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return data.getvalue()
+
+
+def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[math.nan if v is None else 100 * v for v in row] for row in matrix], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.55 * len(matrix)))
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), row_labels(tasks))
+    for (r, c), v in np.ndenumerate(values):
+        ax.text(
+            c,
+            r,
+            "n/a" if math.isnan(v) else f"{v:.0f}",
+            ha="center",
+            va="center",
+            color="white" if not math.isnan(v) and v < 60 else "black",
+            fontsize=8,
+        )
+    ax.set_xlabel("evaluated task")
+    ax.set_title(title or "accuracy (%)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _figure_bytes(fig)
+
+
+def curve_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(tasks), 3.5))
+    steps = list(range(len(matrix)))
+    for i, name in enumerate(tasks):
+        ys = [math.nan if row[i] is None else 100 * row[i] for row in matrix]
+        ax.plot(steps, ys, marker="o", label=name)
+        ax.axvline(i + 1, color="#cccccc", linewidth=0.5, zorder=0)
+    ax.set_xticks(steps, ["base", *[f"T{k}" for k in range(1, len(tasks) + 1)]])
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title or "accuracy per task over the sequence")
+    ax.legend(fontsize=8, loc="best")
+    return _figure_bytes(fig)

@@ -1,0 +1,161 @@
+"""Configuration dataclasses. Every field carries help text; `retain run --help-config` prints them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from retain.errors import ConfigError
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="",
+        metadata={
+            "help": "A local HF model directory, a .gguf file, an offline alias "
+            "(tiny-random-llama, smollm2-135m-instruct, all-minilm-l6-v2), or a hub id."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom model code from the model directory. Off by default."}
+    )
+    model_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where offline aliases are converted and cached (default: $RETAIN_CACHE or ~/.cache/retain)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ConfigError("is required", field="model_name_or_path")
+
+
+@dataclass
+class DataArguments:
+    cl_tasks: list[str] | None = field(
+        default=None, metadata={"help": "Comma-separated task names, in training order, from dataset_dir."}
+    )
+    dataset_dir: str = field(
+        default="data", metadata={"help": "Folder holding dataset_info.json and the data files."}
+    )
+    benchmark: str | None = field(
+        default=None, metadata={"help": "Benchmark name in benchmark_info.json (instead of cl_tasks)."}
+    )
+    benchmark_order: str | None = field(default=None, metadata={"help": "Named task order of the benchmark."})
+    benchmark_dir: str | None = field(
+        default=None, metadata={"help": "Folder holding benchmark_info.json and dataset_info.json."}
+    )
+    template: str = field(
+        default="auto",
+        metadata={"help": "Prompt format: 'auto' (the tokenizer's chat template, else plain) or 'plain'."},
+    )
+    cutoff_len: int = field(
+        default=1024, metadata={"help": "Maximum tokens per training row (prompt + answer)."}
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Train rows per task (first N). None: all."}
+    )
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Test rows per task (first N). None: all."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.template not in ("auto", "plain"):
+            raise ConfigError("expected 'auto' or 'plain'", field="template")
+        if self.cutoff_len < 2:
+            raise ConfigError("must be at least 2", field="cutoff_len")
+        for name in ("max_samples", "eval_max_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError("must be a positive integer or null", field=f"{name}")
+        if self.cl_tasks and self.benchmark:
+            raise ConfigError("give either cl_tasks or benchmark, not both", field="cl_tasks")
+        if not self.cl_tasks and not self.benchmark:
+            raise ConfigError(
+                "no tasks: set cl_tasks (with dataset_dir) or benchmark + benchmark_order", field="cl_tasks"
+            )
+        if self.benchmark and not self.benchmark_order:
+            raise ConfigError("is required with benchmark", field="benchmark_order")
+        if self.benchmark_order and not self.benchmark:
+            raise ConfigError("is required with benchmark_order", field="benchmark")
+
+
+@dataclass
+class FinetuningArguments:
+    finetuning_type: str = field(default="lora", metadata={"help": "Adapter type. Only 'lora' is supported."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha. None: 2 * lora_rank."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: str = field(
+        default="all",
+        metadata={
+            "help": "Comma-separated module names to adapt, or 'all' for every linear layer but the head."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.finetuning_type != "lora":
+            raise ConfigError("only 'lora' is supported", field="finetuning_type")
+        if self.lora_rank < 1:
+            raise ConfigError("must be at least 1", field="lora_rank")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
+        if self.lora_alpha <= 0:
+            raise ConfigError("must be positive", field="lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("must be in [0, 1)", field="lora_dropout")
+
+
+@dataclass
+class GeneratingArguments:
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens generated per test row. None: the longest answer of the task's train split plus 2."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError("must be at least 1", field="max_new_tokens")
+
+
+@dataclass
+class CLArguments:
+    """Arguments shared by every continual-learning method."""
+
+    cl_method: str = field(default="seq", metadata={"help": "The method (see `retain methods`)."})
+    eval_scope: str = field(
+        default="all",
+        metadata={
+            "help": "'all': after each task, evaluate every task. 'seen': only tasks seen so far and the next "
+            "one (enough for Last, Avg, BWT, FWT and forgetting)."
+        },
+    )
+    eval_base: bool = field(
+        default=True, metadata={"help": "Evaluate the base model first (row 0, needed for FWT)."}
+    )
+    previous_task_model: str | None = field(
+        default=None,
+        metadata={"help": "A task directory saved by an earlier run; the first task here starts from it."},
+    )
+    current_task_id: int | None = field(
+        default=None,
+        metadata={"help": "1-based id of the first task trained here (filled in by the runner)."},
+    )
+    prev_task_id: int | None = field(
+        default=None, metadata={"help": "1-based id of the task that previous_task_model holds (filled in)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.eval_scope not in ("all", "seen"):
+            raise ConfigError("expected 'all' or 'seen'", field="eval_scope")
+        for name in ("current_task_id", "prev_task_id"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError("must be a positive integer", field=f"{name}")
+
+
+# Alias used by the I-LoRA seed.
+CommonCLArguments = CLArguments

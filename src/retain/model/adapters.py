@@ -1,0 +1,96 @@
+"""Named LoRA adapters: create, select parameters by adapter name, save and load one adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from retain.errors import ModelError
+from retain.hparams.args import FinetuningArguments
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def lora_config(args: FinetuningArguments, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
+    target: str | list[str]
+    if args.lora_target.strip() == "all":
+        target = "all-linear"
+    else:
+        target = [part.strip() for part in args.lora_target.split(",") if part.strip()]
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target,
+        task_type=task_type,
+    )
+
+
+def add_lora(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel:
+    """Wrap a base model (first adapter) or add another named adapter to a PeftModel."""
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+        return model
+    try:
+        return get_peft_model(model, config, adapter_name=name)
+    except ValueError as exc:
+        raise ModelError(f"cannot add LoRA: {exc}", field="lora_target") from None
+
+
+def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """Every parameter of adapter `name`, found through the tuner layers' per-adapter containers."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr, None)
+            if container is None or name not in container:
+                continue
+            item = container[name]
+            if isinstance(item, torch.nn.Parameter):
+                params[f"{module_name}.{attr}"] = item
+            else:
+                for param_name, param in item.named_parameters():
+                    params[f"{module_name}.{attr}.{param_name}"] = param
+    if not params:
+        raise ModelError(f"no adapter named '{name}' in the model")
+    return params
+
+
+def set_trainable(model: torch.nn.Module, trainable: set[str]) -> None:
+    """Make exactly the adapters in `trainable` require grad (without touching which one is active)."""
+    for name in model.peft_config:
+        for param in adapter_parameters(model, name).values():
+            param.requires_grad_(name in trainable)
+
+
+def save_adapter(model: PeftModel, name: str, directory: str | Path) -> None:
+    """Write one adapter in the standard PEFT layout (config + safetensors).
+
+    Callers write into a directory that `retain.io.atomic_dir` renames into place.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS))
+    model.peft_config[name].save_pretrained(str(directory))
+
+
+def load_adapter_weights(model: PeftModel, name: str, directory: str | Path) -> None:
+    """Load weights saved by `save_adapter` into the existing adapter `name` (strictly: every key must match)."""
+    path = Path(directory) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise ModelError("adapter weights not found", source=str(path))
+    state = load_file(str(path))
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(
+            f"adapter does not match the model ({len(unexpected)} unexpected keys)", source=str(path)
+        )

@@ -1,0 +1,323 @@
+"""The task loop: train each task in turn, evaluate after each one, keep a resumable state file.
+
+It knows no method names: everything method-specific goes through the `CLMethod` hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import PartialState
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from retain.cl.base import CLMethod, Task, get_method
+from retain.data.prompt import PromptBuilder
+from retain.data.tasks import TaskData, load_tasks
+from retain.errors import ConfigError, RetainError
+from retain.eval.predict import EvalContext
+from retain.eval.report import build_metrics, write_results
+from retain.hparams.parser import RunConfig
+from retain.io import atomic_dir, atomic_write_json, atomic_write_text
+from retain.model.loader import load_model
+from retain.train.trainer import CLTrainer
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+#: Keys that may differ between an interrupted run and its resumption.
+RESUME_SAFE_KEYS = {
+    "output_dir",
+    "logging_steps",
+    "logging_dir",
+    "report_to",
+    "disable_tqdm",
+    "per_device_eval_batch_size",
+    "dataloader_num_workers",
+    "run_name",
+    "save_steps",
+    "save_strategy",
+    "save_total_limit",
+    "model_cache_dir",
+}
+
+
+@dataclass
+class RunState:
+    """What is done: trained tasks (their saved state) and evaluated matrix entries."""
+
+    config: dict[str, Any]
+    tasks: list[str]
+    trained: dict[int, str] = field(default_factory=dict)  # task id -> task dir (relative to output_dir)
+    matrix: list[list[float | None]] = field(default_factory=list)
+    eval_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    finished: bool = False
+
+    @classmethod
+    def new(cls, config: dict[str, Any], tasks: list[str]) -> RunState:
+        return cls(config=config, tasks=tasks, matrix=[[None] * len(tasks) for _ in range(len(tasks) + 1)])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "config": self.config,
+            "tasks": self.tasks,
+            "trained": {str(k): v for k, v in self.trained.items()},
+            "matrix": self.matrix,
+            "eval_counts": self.eval_counts,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunState:
+        return cls(
+            config=data["config"],
+            tasks=data["tasks"],
+            trained={int(k): v for k, v in data["trained"].items()},
+            matrix=data["matrix"],
+            eval_counts=data.get("eval_counts", {}),
+            wall_time_s=data.get("wall_time_s", 0.0),
+            finished=data.get("finished", False),
+        )
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config, default=str))
+
+
+class Session:
+    """A prepared run: config checked, data loaded and encoded, model wrapped by the method."""
+
+    def __init__(self, config: RunConfig, *, force: bool = False):
+        self.config = config
+        self.state_ = PartialState()
+        self.output_dir = Path(config.training.output_dir)
+        self.method: CLMethod = get_method(config.cl.cl_method)(config)
+        self.data: list[TaskData] = load_tasks(config.data)
+        first_id = config.cl.current_task_id or 1
+        self.tasks = [Task(first_id - 1 + j, d.name) for j, d in enumerate(self.data)]
+        # Task states always live in output_dir; a run that continues from task k > 1 (one command
+        # per task, as with LLaMA-Factory) keeps its state and results in a subfolder of its own.
+        self.run_dir = self.output_dir if first_id == 1 else self.output_dir / f"from_task{first_id}"
+        self.method.tasks = self.tasks
+        self.state = self._load_or_create_state(force)
+        self.model: torch.nn.Module | None = None
+        self.model_at: int | None = None  # id of the task whose state the model holds; 0 = fresh
+
+    def load(self) -> None:
+        """Load the model, encode the data and let the method wrap the model (once)."""
+        if self.model is not None:
+            return
+        model, tokenizer = load_model(self.config.model, kind=self.method.model_kind())
+        self.tokenizer = tokenizer
+        self.builder = PromptBuilder(tokenizer, self.config.data.template)
+        for task_data in self.data:
+            self.method.encode_task(task_data, self.builder, self.config.data.cutoff_len)
+        set_seed(self.config.training.seed)  # adapter initialisation depends on the seed only
+        self.model = self.method.prepare_model(model, tokenizer)
+
+    # ---- state -------------------------------------------------------------------------
+    def _load_or_create_state(self, force: bool) -> RunState:
+        resolved = _jsonable(self.config.resolved())
+        names = [t.name for t in self.tasks]
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            return RunState.new(resolved, names)
+        try:
+            state = RunState.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise RetainError(
+                f"unreadable run state ({exc}); move it away to start over", source=str(path)
+            ) from None
+        changed = sorted(
+            k
+            for k in set(resolved) | set(state.config)
+            if k not in RESUME_SAFE_KEYS and resolved.get(k) != state.config.get(k)
+        )
+        if state.tasks != names:
+            changed.insert(0, "tasks")
+        if changed and not force:
+            raise ConfigError(
+                f"the config differs from the run in this output_dir in: {', '.join(changed)} "
+                "(use another output_dir, or --force to continue anyway)",
+                source=str(path),
+            )
+        state.config = resolved
+        return state
+
+    def save_state(self) -> None:
+        if self.state_.is_main_process:
+            atomic_write_json(self.run_dir / STATE_FILE, self.state.to_json())
+
+    def write_config(self) -> None:
+        if self.state_.is_main_process:
+            text = yaml.safe_dump(self.state.config, sort_keys=False, allow_unicode=True)
+            atomic_write_text(self.run_dir / CONFIG_FILE, text)
+
+    # ---- model state -----------------------------------------------------------------------
+    def _restore(self, task_id: int) -> None:
+        """Make the model hold the state saved after task `task_id` (0: the fresh start)."""
+        if self.model_at == task_id:
+            return
+        if task_id == 0:
+            previous = self.config.cl.previous_task_model
+            if previous:
+                self.method.load_task(self.model, None, Path(previous))
+            elif self.model_at not in (None, 0):
+                raise RetainError("cannot return to the fresh model inside one process")
+        else:
+            directory = self.output_dir / self.state.trained[task_id]
+            self.method.load_task(self.model, self._task(task_id), directory)
+        self.model_at = task_id
+
+    def _task(self, task_id: int) -> Task:
+        return next(t for t in self.tasks if t.id == task_id)
+
+    def _prev_id(self, task: Task) -> int:
+        return 0 if task is self.tasks[0] else task.id - 1
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_task(self, task: Task, data: TaskData) -> None:
+        cfg = self.config
+        self._restore(self._prev_id(task))
+        cfg.cl.current_task_id = task.id
+        cfg.cl.prev_task_id = task.id - 1 if task.id > 1 else None
+        set_seed(cfg.training.seed)
+        self.method.begin_task(self.model, task, data)
+        rows = self.method.training_rows(task, data.train_rows)
+        checkpoint_dir = self.output_dir / "checkpoints" / f"task_{task.id}"
+        args = cfg.training
+        args.output_dir = str(checkpoint_dir)
+        try:
+            trainer = CLTrainer(
+                model=self.model,
+                args=args,
+                train_dataset=Dataset.from_list(rows),
+                data_collator=self.method.collator(self.tokenizer),
+                callbacks=self.method.callbacks(self.model),
+                method=self.method,
+                task=task,
+            )
+            resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            args.output_dir = str(self.output_dir)
+        self.method.end_task(self.model, task, data)
+        directory = self.method.task_dir(task)
+        if self.state_.is_main_process:
+            with atomic_dir(directory) as tmp:
+                self.method.save_task(self.model, task, tmp)
+        self.state_.wait_for_everyone()
+        self.state.trained[task.id] = str(directory.relative_to(self.output_dir))
+        self.save_state()
+        if self.state_.is_main_process:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        cfg.cl.previous_task_model = str(directory)
+        self.model_at = task.id
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _eval_context(self) -> EvalContext:
+        return EvalContext(
+            tokenizer=self.tokenizer,
+            builder=self.builder,
+            batch_size=self.config.training.per_device_eval_batch_size,
+            max_new_tokens=self.config.generating.max_new_tokens,
+        )
+
+    def evaluate_entry(self, row: int, column: int) -> float:
+        """Score on task `column` (0-based) of the model after row `row` (0: base)."""
+        data = self.data[column]
+        evaluated = self.tasks[column]
+        trained = self.tasks[row - 1] if row > 0 else None
+        with self.method.evaluation(self.model, trained, evaluated):
+            result = self.method.evaluate(self.model, trained, evaluated, data, self._eval_context())
+        self.state.eval_counts[evaluated.name] = {"scored": result.scored, "unlabeled": result.unlabeled}
+        if self.state_.is_main_process and row > 0 and result.predictions is not None:
+            self._write_predictions(row, column, result.predictions)
+        return result.accuracy
+
+    def _write_predictions(self, row: int, column: int, predictions: list[str]) -> None:
+        data = self.data[column]
+        lines = [
+            json.dumps({"prediction": p, "answer": e.answer}, ensure_ascii=False)
+            for p, e in zip(predictions, data.test, strict=True)
+        ]
+        atomic_write_text(
+            self.run_dir / "predictions" / f"after_{row}" / f"{data.name}.jsonl", "\n".join(lines) + "\n"
+        )
+
+    def columns_for_row(self, row: int) -> list[int]:
+        count = len(self.tasks)
+        if self.config.cl.eval_scope == "all" or row == 0:
+            return list(range(count))
+        return list(range(min(row + 1, count)))
+
+    def evaluate_row(self, row: int) -> None:
+        todo = [c for c in self.columns_for_row(row) if self.state.matrix[row][c] is None]
+        if not todo:
+            return
+        if row > 0:
+            self._restore(self.tasks[row - 1].id)
+        for column in todo:
+            self.state.matrix[row][column] = self.evaluate_entry(row, column)
+            self.save_state()
+
+    # ---- the whole sequence -------------------------------------------------------------------
+    def metrics(self, wall_time: float) -> dict[str, Any]:
+        cfg = self.config
+        return build_metrics(
+            [t.name for t in self.tasks],
+            self.state.matrix,
+            {
+                "method": cfg.cl.cl_method,
+                "model": cfg.model.model_name_or_path,
+                "seed": cfg.training.seed,
+                "wall_time_s": round(wall_time, 1),
+                "eval_counts": self.state.eval_counts,
+                "title": f"{cfg.cl.cl_method} on {cfg.model.model_name_or_path}",
+            },
+        )
+
+    def run(self, *, train: bool = True, evaluate: bool = True) -> dict[str, Any] | None:
+        started = time.time()
+        self.load()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        self.save_state()
+        main = self.state_.is_main_process
+        if evaluate and self.config.cl.eval_base and self.tasks[0].id == 1:
+            self._restore(0)
+            self.evaluate_row(0)
+        for task, data in tqdm(list(zip(self.tasks, self.data, strict=True)), desc="tasks", disable=not main):
+            if task.id not in self.state.trained:
+                if not train:
+                    raise RetainError(f"task '{task.name}' is not trained yet: run `retain train` first")
+                self.train_task(task, data)
+            if evaluate:
+                self.evaluate_row(self.tasks.index(task) + 1)
+        self.state.wall_time_s += time.time() - started
+        if not evaluate:
+            self.save_state()
+            return None
+        self.state.finished = True
+        self.save_state()
+        result = self.metrics(self.state.wall_time_s)
+        if main:
+            write_results(self.run_dir, result)
+        return result
+
+    def is_finished(self) -> bool:
+        return self.state.finished

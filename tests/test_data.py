@@ -1,0 +1,133 @@
+import json
+
+import pytest
+
+from retain.data.prompt import IGNORE_INDEX, PromptBuilder, normalize_answer, pad_batch
+from retain.data.registry import load_dataset_info, load_examples
+from retain.data.tasks import load_tasks
+from retain.errors import DataError
+from retain.hparams.args import DataArguments
+from retain.model.tiny import build_tiny_tokenizer
+
+from .conftest import SHARED_LNT
+
+
+def registry(tmp_path, info, files):
+    for name, rows in files.items():
+        (tmp_path / name).write_text(rows if isinstance(rows, str) else json.dumps(rows))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    return load_dataset_info(tmp_path)
+
+
+def test_alpaca_with_columns_and_system(tmp_path):
+    info = registry(
+        tmp_path,
+        {
+            "t": {
+                "file_name": "t.json",
+                "columns": {"prompt": "q", "query": "ctx", "response": "a", "system": "sys"},
+            }
+        },
+        {"t.json": [{"q": "Question?", "ctx": "Context.", "a": "Yes", "sys": "Be brief."}]},
+    )
+    (example,) = load_examples(tmp_path, info, "t")
+    assert example.messages == [{"role": "user", "content": "Question?\nContext."}]
+    assert example.answer == "Yes" and example.system == "Be brief."
+
+
+def test_sharegpt(tmp_path):
+    conv = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "hi"},
+        {"from": "gpt", "value": "hello"},
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4"},
+    ]
+    info = registry(
+        tmp_path,
+        {"t": {"file_name": "t.jsonl", "formatting": "sharegpt"}},
+        {"t.jsonl": json.dumps({"conversations": conv}) + "\n"},
+    )
+    (example,) = load_examples(tmp_path, info, "t")
+    assert example.system == "S"
+    assert [m["role"] for m in example.messages] == ["user", "assistant", "user"]
+    assert example.answer == "4"
+
+
+def test_answer_only_labels():
+    tokenizer = build_tiny_tokenizer()
+    builder = PromptBuilder(tokenizer)
+    from retain.data.registry import Example
+
+    example = Example(messages=[{"role": "user", "content": "Say hi"}], answer="hi")
+    row = builder.encode_train(example, cutoff_len=512)
+    prompt = builder.prompt_ids(example)
+    assert row["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = row["labels"][len(prompt) :]
+    assert tokenizer.decode(answer) == "hi<|im_end|>"
+    assert answer[-1] == tokenizer.eos_token_id
+    assert row["input_ids"][len(prompt) :] == answer
+    # Right truncation cuts the answer, keeping labels aligned.
+    short = builder.encode_train(example, cutoff_len=len(prompt) + 1)
+    assert len(short["input_ids"]) == len(short["labels"]) == len(prompt) + 1
+
+
+def test_pad_batch_sides():
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    right = pad_batch(rows, pad_id=0)
+    assert right["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert right["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = pad_batch(rows, pad_id=0, side="left", keys=("input_ids",))
+    assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]] and "labels" not in left
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Entailment. ") == "entailment"
+    assert normalize_answer("Science or Technology!") == "science or technology"
+    assert normalize_answer("A") == normalize_answer("a ")
+
+
+def test_path_traversal_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.json").write_text("[]")
+    info = registry(tmp_path / "data", {"t": {"file_name": "../secret.json"}}, {})
+    with pytest.raises(DataError, match="outside the dataset directory"):
+        load_examples(tmp_path / "data", info, "t")
+
+
+def test_missing_test_split_and_bad_rows(tmp_path):
+    registry(tmp_path, {"t": {"file_name": "t.json"}}, {"t.json": [{"instruction": "i", "output": "o"}]})
+    with pytest.raises(DataError, match="no test split: add an entry 't_test'"):
+        load_tasks(DataArguments(cl_tasks=["t"], dataset_dir=str(tmp_path)))
+    info = registry(tmp_path, {"t": {"file_name": "t.json"}}, {"t.json": [{"instruction": "i"}]})
+    with pytest.raises(DataError, match="row 0: missing column 'output'"):
+        load_examples(tmp_path, info, "t")
+    info = registry(tmp_path, {"t": {"file_name": "t.json"}}, {"t.json": "[{"})
+    with pytest.raises(DataError, match="malformed JSON"):
+        load_examples(tmp_path, info, "t")
+    info = registry(tmp_path, {"t": {"file_name": "t.json"}}, {"t.json": []})
+    with pytest.raises(DataError, match="empty"):
+        load_examples(tmp_path, info, "t")
+
+
+@pytest.mark.skipif(not SHARED_LNT.is_dir(), reason="needs ../shared/benchmarks/LNT")
+def test_whole_lnt_benchmark_loads():
+    orders = json.loads((SHARED_LNT / "benchmark_info.json").read_text())["LNT"]["orders"]
+    tasks = load_tasks(
+        DataArguments(benchmark="LNT", benchmark_order="order1", benchmark_dir=str(SHARED_LNT))
+    )
+    assert [t.name for t in tasks] == orders["order1"]
+    assert len(tasks) == 12
+    by_name = {t.name: t for t in tasks}
+    assert len(by_name["agnews"].train) == 4000 and len(by_name["agnews"].test) == 7600
+    assert by_name["MNLI"].labels == ["contradiction", "entailment", "neutral"]  # "-" only appears in test
+    assert len(by_name["amazon"].labels) == 5
+    for order in orders:
+        load_tasks(
+            DataArguments(
+                benchmark="LNT", benchmark_order=order, benchmark_dir=str(SHARED_LNT), max_samples=1
+            )
+        )
+    with pytest.raises(DataError, match="no order 'nope'"):
+        load_tasks(DataArguments(benchmark="LNT", benchmark_order="nope", benchmark_dir=str(SHARED_LNT)))
