@@ -1,0 +1,64 @@
+import csv
+import json
+import subprocess
+import sys
+
+import yaml
+
+import retain
+import retain.api
+from retain.train.sequence import STATE_FILE
+
+
+def test_three_task_run_writes_every_output(tiny_config, tmp_path):
+    metrics = retain.run(tiny_config())
+    out = tmp_path / "run"
+    tasks = ["task0", "task1", "task2"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["tasks"] == tasks == metrics["tasks"]
+    for key in ("matrix", "last", "avg", "bwt", "fwt", "forgetting"):
+        assert key in saved
+    matrix = saved["matrix"]
+    assert len(matrix) == 4 and all(len(row) == 3 for row in matrix)
+    assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+    for key in ("last", "avg", "bwt", "fwt", "forgetting"):
+        assert isinstance(saved[key], float)
+    rows = list(csv.reader((out / "accuracy_matrix.csv").open()))
+    assert rows[0] == ["after", *tasks] and [r[0] for r in rows[1:]] == ["base", *tasks]
+    assert [float(x) for x in rows[2][1:]] == [round(v, 6) for v in matrix[1]]
+    for name in ("accuracy_matrix.png", "accuracy_curve.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "accuracy_matrix.png" in report and "| after task0 |" in report
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["cl_tasks"] == tasks and config["cl_method"] == "seq" and config["lora_rank"] == 4
+    for k in (1, 2, 3):
+        assert (out / f"task_{k}" / "adapter" / "adapter_model.safetensors").is_file()
+        assert (out / f"task_{k}" / "adapter" / "adapter_config.json").is_file()
+        assert (out / "predictions" / f"after_{k}" / "task0.jsonl").is_file()
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["finished"] and sorted(state["trained"]) == ["1", "2", "3"]
+    assert not list(out.glob(".*tmp")), "no temporary files left behind"
+
+    # `retain report` rebuilds the report from metrics.json alone.
+    (out / "report.md").unlink()
+    result = subprocess.run([sys.executable, "-m", "retain", "report", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "report.md").is_file() and "last=" in result.stdout
+
+
+def test_train_then_eval_equals_run(tiny_config, tmp_path):
+    run_metrics = retain.run(tiny_config(output_dir=str(tmp_path / "a")))
+    retain.api.train(tiny_config(output_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    eval_metrics = retain.evaluate(tiny_config(output_dir=str(tmp_path / "b")))
+    assert eval_metrics["matrix"] == run_metrics["matrix"]
+
+
+def test_eval_scope_seen_skips_unseen_tasks(tiny_config):
+    metrics = retain.run(tiny_config(eval_scope="seen"))
+    matrix = metrics["matrix"]
+    assert matrix[1][2] is None  # after task 1, task 3 is neither seen nor next
+    assert matrix[1][1] is not None  # the next task is evaluated, for FWT
+    assert all(v is not None for v in matrix[0] + matrix[3])
+    assert metrics["fwt"] is not None and metrics["bwt"] is not None
