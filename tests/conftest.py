@@ -3,8 +3,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine spin-waiting
+# threads make them many times slower.
+torch.set_num_threads(1)
 
 SHARED_LNT = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "LNT"
 
@@ -35,6 +39,19 @@ def small_tasks(count: int = 3, rows: int = 20) -> dict[str, tuple[str, list[tup
             [(f"item {i}", a if i % 2 else b) for i in range(rows)],
         )
     return out
+
+
+def constant_tasks(count: int = 3, rows: int = 20) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """Tasks the tiny model learns in a few steps (one answer per task), and then forgets."""
+    answers = ["yes", "red", "up", "cat"]
+    return {
+        f"task{t}": (f"Task {t}.", [(f"item {i}", answers[t % 4]) for i in range(rows)]) for t in range(count)
+    }
+
+
+@pytest.fixture
+def learnable_dir(tmp_path: Path) -> Path:
+    return write_task_family(tmp_path / "learnable", constant_tasks())
 
 
 @pytest.fixture

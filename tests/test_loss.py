@@ -3,8 +3,8 @@ import torch
 
 from retain.hparams.parser import parse_config
 from retain.model.adapters import adapter_parameters
-from retain.train.loss import LossScale, shifted_targets, token_ce_sum
-from retain.train.sequence import Session
+from retain.training.loss import LossScale, shifted_targets, token_ce_sum
+from retain.training.sequence import Session
 
 
 def test_loss_scale_token_mean_over_accumulation():
@@ -59,7 +59,7 @@ def session_logs(session):
 
 
 def test_gradient_accumulation_gives_the_same_loss_and_update(tiny_config, tmp_path, monkeypatch):
-    from retain.train import trainer as trainer_module
+    from retain.training import trainer as trainer_module
 
     history = []
     original = trainer_module.CLTrainer.log

@@ -5,7 +5,7 @@ import pytest
 
 from retain.cl.buffer import ReservoirBuffer
 from retain.hparams.parser import parse_config
-from retain.train.sequence import Session
+from retain.training.sequence import Session
 
 
 def test_reservoir_inclusion_is_uniform():
@@ -66,13 +66,14 @@ def test_replay_draws_earlier_tasks_rows(tiny_config):
     rows1, mixed1 = seen[1]
     assert mixed1 == rows1  # nothing to replay before the first task
     rows3, mixed3 = seen[3]
-    extra = mixed3[len(rows3):]
+    extra = mixed3[len(rows3) :]
     assert len(extra) == round(0.5 * len(rows3))
     earlier = [tuple(r["input_ids"]) for d in session.data[:2] for r in d.train_rows]
     assert all(tuple(r["input_ids"]) in earlier for r in extra)
     # Both earlier tasks are represented (the memory holds a uniform sample of them).
     from_task = Counter(
-        0 if tuple(r["input_ids"]) in {tuple(x["input_ids"]) for x in session.data[0].train_rows} else 1 for r in extra
+        0 if tuple(r["input_ids"]) in {tuple(x["input_ids"]) for x in session.data[0].train_rows} else 1
+        for r in extra
     )
     assert from_task[0] > 0 and from_task[1] > 0
 

@@ -6,8 +6,7 @@ import sys
 import yaml
 
 import retain
-import retain.api
-from retain.train.sequence import STATE_FILE
+from retain.training.sequence import STATE_FILE
 
 
 def test_three_task_run_writes_every_output(tiny_config, tmp_path):
@@ -42,14 +41,16 @@ def test_three_task_run_writes_every_output(tiny_config, tmp_path):
 
     # `retain report` rebuilds the report from metrics.json alone.
     (out / "report.md").unlink()
-    result = subprocess.run([sys.executable, "-m", "retain", "report", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "retain", "report", str(out)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "report.md").is_file() and "last=" in result.stdout
 
 
 def test_train_then_eval_equals_run(tiny_config, tmp_path):
     run_metrics = retain.run(tiny_config(output_dir=str(tmp_path / "a")))
-    retain.api.train(tiny_config(output_dir=str(tmp_path / "b")))
+    retain.train(tiny_config(output_dir=str(tmp_path / "b")))
     assert not (tmp_path / "b" / "metrics.json").exists()
     eval_metrics = retain.evaluate(tiny_config(output_dir=str(tmp_path / "b")))
     assert eval_metrics["matrix"] == run_metrics["matrix"]

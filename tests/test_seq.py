@@ -3,7 +3,7 @@ from safetensors.torch import load_file
 
 from retain.hparams.parser import parse_config
 from retain.model.adapters import adapter_parameters
-from retain.train.sequence import Session
+from retain.training.sequence import Session
 
 
 def snapshot(params):

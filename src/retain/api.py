@@ -23,7 +23,7 @@ def run(
     config: RunConfig | str | Path | dict[str, Any], *, force: bool = False, **overrides: Any
 ) -> dict[str, Any]:
     """Train every task, evaluate after each one, write metrics and the report; return the metrics."""
-    from retain.train.sequence import Session
+    from retain.training.sequence import Session
 
     session = Session(_config(config, overrides), force=force)
     result = session.run(train=True, evaluate=True)
@@ -33,7 +33,7 @@ def run(
 
 def train(config: RunConfig | str | Path | dict[str, Any], *, force: bool = False, **overrides: Any) -> Path:
     """Train every task and save each task's state; no evaluation. Returns the output directory."""
-    from retain.train.sequence import Session
+    from retain.training.sequence import Session
 
     session = Session(_config(config, overrides), force=force)
     session.run(train=True, evaluate=False)
@@ -44,7 +44,7 @@ def evaluate(
     config: RunConfig | str | Path | dict[str, Any], *, force: bool = False, **overrides: Any
 ) -> dict[str, Any]:
     """Evaluate the saved task states of a trained run; write metrics and the report."""
-    from retain.train.sequence import Session
+    from retain.training.sequence import Session
 
     session = Session(_config(config, overrides), force=force)
     result = session.run(train=False, evaluate=True)

@@ -40,7 +40,7 @@ def _print_result(metrics: dict[str, Any], output_dir: Path) -> None:
 
 def cmd_run(args: argparse.Namespace, mode: str) -> int:
     from retain.hparams.parser import load_config
-    from retain.train.sequence import Session
+    from retain.training.sequence import Session
 
     config = load_config(args.config, args.overrides)
     session = Session(config, force=args.force)
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except RetainError as exc:
         if args.debug:
             raise
-        print(f"retain: error: {exc}", file=sys.stderr)
+        config = getattr(args, "config", None)
+        where = f"{config}: " if exc.source is None and config else ""  # a config value caused it
+        print(f"retain: error: {where}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("retain: interrupted; run the same command again to resume", file=sys.stderr)

@@ -1,6 +1,13 @@
-"""Continual-learning methods. Importing this package registers the built-in ones."""
+"""Continual-learning methods.
 
-from retain.cl import replay, seq  # noqa: F401
-from retain.cl.base import CLMethod, Task, get_method, method_registry, register_method
+Methods register themselves when their module is imported. `method_registry()` imports the
+built-in modules listed here and any module a package declares under the entry-point group
+`retain.methods`, so importing `retain.cl.base` alone never imports a method (no cycles).
+"""
 
-__all__ = ["CLMethod", "Task", "get_method", "method_registry", "register_method"]
+BUILTIN_METHOD_MODULES = (
+    "retain.cl.seq",
+    "retain.cl.replay",
+    "retain.cl.ilora",
+    "retain.cl.pertask",
+)

@@ -1,6 +1,6 @@
 """The method interface. A continual-learning method is one class behind these hooks.
 
-The task loop (`retain.train.sequence`) and the trainer (`retain.train.trainer`) call only
+The task loop (`retain.training.sequence`) and the trainer (`retain.training.trainer`) call only
 these hooks and know no method names. A method registers itself with `@register_method`.
 """
 
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from retain.data.tasks import TaskData
     from retain.eval.predict import EvalContext, Score
     from retain.hparams.parser import RunConfig
-    from retain.train.loss import LossScale
+    from retain.training.loss import LossScale
+    from retain.training.trainer import CLTrainer
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,21 @@ class CLMethod:
         """The encoded rows the trainer sees for this task (replay mixes earlier rows in here)."""
         return rows
 
+    def trainer_class(self) -> type[CLTrainer]:
+        """The Trainer class that trains this method's tasks (a `CLTrainer` subclass)."""
+        from retain.training.trainer import CLTrainer
+
+        return CLTrainer
+
+    def begin_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called once per optimizer step, before its first micro-batch, with every micro-batch of the
+        step's gradient-accumulation window (for example to draw one replay batch for the whole step)."""
+
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], scale: LossScale
     ) -> torch.Tensor:
         """The training loss of one micro-batch, normalised through `scale`."""
-        from retain.train.loss import causal_lm_loss
+        from retain.training.loss import causal_lm_loss
 
         return causal_lm_loss(model, inputs, scale)
 
@@ -144,8 +155,16 @@ def register_method(cls: type[CLMethod]) -> type[CLMethod]:
 
 
 def method_registry() -> dict[str, type[CLMethod]]:
-    import retain.cl  # noqa: F401  (imports the built-in methods)
+    """Every registered method, after importing the built-in and entry-point method modules."""
+    import importlib
+    from importlib.metadata import entry_points
 
+    from retain.cl import BUILTIN_METHOD_MODULES
+
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
+    for point in entry_points(group="retain.methods"):
+        importlib.import_module(point.value)
     return dict(_REGISTRY)
 
 

@@ -3,10 +3,11 @@
 `dataset_dir: builtin://demo` names them in a config; the files are written once into the
 cache (`$RETAIN_CACHE/data/<family>-v<version>`) in the usual `dataset_info.json` layout.
 
-The demo family: three tasks over the same words (fruits, animals, vehicles), each asking for
-a different made-up code of the word's category. A model learns each mapping in a minute, and
-because the tasks share inputs and differ only in the instruction, sequential fine-tuning
-overwrites the earlier mappings: forgetting is easy to see.
+The demo family: three tasks over the same words (fruits, animals, vehicles). Each maps the
+word's group to one of the same three colours, with a different made-up mapping per task and
+a different instruction. A small model learns each mapping in about a minute; since the tasks
+share inputs and answers and differ only in the instruction, sequential fine-tuning overwrites
+the earlier mappings, so forgetting is easy to see.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from retain.data.ner import NER_VERSION, ner_rows
 from retain.io import atomic_dir
 
 PREFIX = "builtin://"
@@ -33,17 +35,17 @@ WORDS = {
 }
 
 DEMO_TASKS = {
-    "colour_code": (
-        "Reply with the colour code of the word's group.",
+    "paint_colour": (
+        "Which paint colour belongs to the word's group? Reply with one colour.",
         {"fruit": "red", "animal": "blue", "vehicle": "green"},
     ),
-    "shape_code": (
-        "Reply with the shape code of the word's group.",
-        {"fruit": "circle", "animal": "square", "vehicle": "triangle"},
+    "flag_colour": (
+        "Which flag colour belongs to the word's group? Reply with one colour.",
+        {"fruit": "blue", "animal": "green", "vehicle": "red"},
     ),
-    "number_code": (
-        "Reply with the number code of the word's group.",
-        {"fruit": "one", "animal": "two", "vehicle": "three"},
+    "badge_colour": (
+        "Which badge colour belongs to the word's group? Reply with one colour.",
+        {"fruit": "green", "animal": "red", "vehicle": "blue"},
     ),
 }
 DEMO_VERSION = 1
@@ -68,14 +70,14 @@ def demo_rows(seed: int = 0) -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def _write_family(rows: dict[str, list[dict]], target: Path) -> None:
+def _write_family(rows: dict[str, list[dict]], target: Path, formatting: str = "alpaca") -> None:
     with atomic_dir(target) as tmp:
         info = {}
         for name, data in rows.items():
             (tmp / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
             info[name] = {
                 "file_name": f"{name}.json",
-                "formatting": "alpaca",
+                "formatting": formatting,
                 "split": "test" if name.endswith("_test") else "train",
             }
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -83,7 +85,10 @@ def _write_family(rows: dict[str, list[dict]], target: Path) -> None:
 
 FAMILIES: dict[str, tuple[int, Callable[[], dict[str, list[dict]]]]] = {
     "demo": (DEMO_VERSION, demo_rows),
+    "ner": (NER_VERSION, ner_rows),  # word-level tasks, see retain.data.ner
 }
+#: The registry `formatting` of a family's rows, when not alpaca.
+FAMILY_FORMATTING = {"ner": "tagging"}
 
 
 def resolve_dataset_dir(dataset_dir: str) -> Path:
@@ -101,5 +106,5 @@ def resolve_dataset_dir(dataset_dir: str) -> Path:
     root = Path(os.environ.get("RETAIN_CACHE") or Path.home() / ".cache" / "retain") / "data"
     target = root / f"{family}-v{version}"
     if not (target / "dataset_info.json").is_file():
-        _write_family(make(), target)
+        _write_family(make(), target, FAMILY_FORMATTING.get(family, "alpaca"))
     return target

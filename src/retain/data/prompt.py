@@ -18,8 +18,6 @@ class PromptBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto"):
         self.tokenizer = tokenizer
         self.use_chat = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token")
 
     def prompt_text(self, example: Example) -> str:
         messages = list(example.messages)
@@ -38,6 +36,9 @@ class PromptBuilder:
         return self.tokenizer(self.prompt_text(example), add_special_tokens=False)["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
+        # Checked here, not in __init__: encoder backbones (classifier heads) have no EOS and need none.
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: generative training and evaluation need one")
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
     def encode_train(self, example: Example, cutoff_len: int) -> dict[str, list[int]]:

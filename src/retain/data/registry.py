@@ -17,6 +17,8 @@ ALPACA_COLUMNS = {
     "history": None,
 }
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": None}
+#: `formatting: tagging` (word-level tasks): one row = words plus one BIO tag per word.
+TAGGING_COLUMNS = {"tokens": "tokens", "tags": "tags", "instruction": "instruction"}
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -173,7 +175,9 @@ def _alpaca(records: list[dict[str, Any]], columns: dict[str, Any], path: Path) 
                 ]
         content = f"{prompt}\n{query}" if query else prompt
         messages.append({"role": "user", "content": content})
-        examples.append(Example(messages=messages, answer=answer, system=system or None))
+        examples.append(
+            Example(messages=messages, answer=answer, system=system or None, extra={"instruction": prompt})
+        )
     return examples
 
 
@@ -214,6 +218,50 @@ def _sharegpt(records: list[dict[str, Any]], spec: dict[str, Any], path: Path) -
     return examples
 
 
+def _tagging(records: list[dict[str, Any]], columns: dict[str, Any], path: Path) -> list[Example]:
+    """Word-level rows: a list of words and one BIO tag per word (`O`, `B-TYPE`, `I-TYPE`).
+
+    The conversation is the words joined by spaces and the answer the tags joined by spaces, so
+    generative methods can still train on such a task; `extra` keeps the `tokens` and `tags` lists
+    (and the optional instruction) for token-classification methods.
+    """
+    cols = {**TAGGING_COLUMNS, **columns}
+    examples = []
+    for index, record in enumerate(records):
+        words, tags = record.get(cols["tokens"]), record.get(cols["tags"])
+        for column, value in ((cols["tokens"], words), (cols["tags"], tags)):
+            if not isinstance(value, list) or not value or not all(isinstance(x, str) and x for x in value):
+                raise DataError(
+                    f"row {index}: column '{column}' must be a non-empty list of non-empty strings",
+                    source=str(path),
+                )
+        assert isinstance(words, list) and isinstance(tags, list)
+        if len(words) != len(tags):
+            raise DataError(
+                f"row {index}: {len(words)} tokens but {len(tags)} tags (one tag per token)", source=str(path)
+            )
+        bad = next((tag for tag in tags if not is_bio_tag(tag)), None)
+        if bad is not None:
+            raise DataError(f"row {index}: tag '{bad}' is not O, B-TYPE or I-TYPE", source=str(path))
+        if any(" " in word for word in words):
+            raise DataError(f"row {index}: a token contains a space", source=str(path))
+        instruction = (
+            _text(record, cols["instruction"], path, index, required=False) if cols["instruction"] else ""
+        )
+        examples.append(
+            Example(
+                messages=[{"role": "user", "content": " ".join(words)}],
+                answer=" ".join(tags),
+                extra={"tokens": list(words), "tags": list(tags), "instruction": instruction},
+            )
+        )
+    return examples
+
+
+def is_bio_tag(tag: str) -> bool:
+    return tag == "O" or (len(tag) > 2 and tag[:2] in ("B-", "I-") and not tag[2:].isspace())
+
+
 def load_examples(dataset_dir: str | Path, info: dict[str, Any], name: str) -> list[Example]:
     """Read and parse the rows of one registry entry."""
     dataset_dir = Path(dataset_dir)
@@ -225,8 +273,10 @@ def load_examples(dataset_dir: str | Path, info: dict[str, Any], name: str) -> l
         return _alpaca(records, spec.get("columns", {}), path)
     if formatting == "sharegpt":
         return _sharegpt(records, spec, path)
+    if formatting == "tagging":
+        return _tagging(records, spec.get("columns", {}), path)
     raise DataError(
-        f"unknown formatting '{formatting}' (expected alpaca or sharegpt)",
+        f"unknown formatting '{formatting}' (expected alpaca, sharegpt or tagging)",
         source=str(dataset_dir / "dataset_info.json"),
         field=name,
     )

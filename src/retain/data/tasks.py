@@ -9,7 +9,7 @@ from typing import Any
 
 from retain.data.builtin import resolve_dataset_dir
 from retain.data.prompt import IGNORE_INDEX, PromptBuilder, normalize_answer
-from retain.data.registry import Example, benchmark_tasks, load_dataset_info, load_examples
+from retain.data.registry import Example, benchmark_tasks, is_bio_tag, load_dataset_info, load_examples
 from retain.errors import DataError
 from retain.hparams.args import DataArguments
 
@@ -27,6 +27,9 @@ class TaskData:
     #: Normalised answers of the train split (or `label_list`), when the task is classification.
     labels: list[str] | None
     spec: dict[str, Any] = field(default_factory=dict)
+    #: Word-level (`formatting: tagging`) tasks: the BIO tags of the train split (or `label_list`),
+    #: sorted, exactly as written. None for other tasks.
+    tags: list[str] | None = None
     train_rows: list[dict[str, list[int]]] = field(default_factory=list)
     truncated_rows: int = 0
     dropped_rows: int = 0
@@ -66,11 +69,40 @@ def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArgu
                 source=str(dataset_dir / "dataset_info.json"),
                 field=name,
             )
+    if spec.get("formatting") == "tagging":
+        return TaskData(
+            name=name,
+            train=train,
+            test=test,
+            labels=None,
+            spec=spec,
+            tags=_tag_set(train, labels, dataset_dir, name),
+        )
+    if labels is not None:
         labels = sorted({normalize_answer(x) for x in labels})
     else:
         distinct = sorted({normalize_answer(e.answer) for e in train})
         labels = distinct if len(distinct) <= MAX_LABELS else None
     return TaskData(name=name, train=train, test=test, labels=labels, spec=spec)
+
+
+def _tag_set(train: list[Example], label_list: list[str] | None, dataset_dir: Path, name: str) -> list[str]:
+    """A tagging task's tags: its `label_list` (which must cover the train split), else the train split's."""
+    seen = {tag for e in train for tag in e.extra["tags"]}
+    if label_list is None:
+        return sorted(seen)
+    registry = str(dataset_dir / "dataset_info.json")
+    bad = next((tag for tag in label_list if not is_bio_tag(tag)), None)
+    if bad is not None:
+        raise DataError(f"'label_list' entry '{bad}' is not O, B-TYPE or I-TYPE", source=registry, field=name)
+    missing = sorted(seen - set(label_list))
+    if missing:
+        raise DataError(
+            f"the train split uses tags missing from 'label_list': {', '.join(missing)}",
+            source=registry,
+            field=name,
+        )
+    return sorted(set(label_list))
 
 
 def load_tasks(data: DataArguments) -> list[TaskData]:

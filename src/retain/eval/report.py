@@ -86,6 +86,11 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     lines += ["| after \\ task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for label, row in zip(row_labels(tasks), matrix, strict=True):
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
+    for name, extra in (metrics.get("extra_matrices") or {}).items():
+        lines += ["", f"## {name} (%)", ""]
+        lines += ["| after \\ task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for label, row in zip(row_labels(tasks), extra, strict=True):
+            lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
     counts = metrics.get("eval_counts")
     if counts:
         lines += ["", "## Test rows", "", "| task | scored | unlabeled (not scored) |", "|---|---|---|"]
@@ -118,8 +123,7 @@ def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str =
 
     values = np.array([[math.nan if v is None else 100 * v for v in row] for row in matrix], dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.55 * len(matrix)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(matrix)), row_labels(tasks))

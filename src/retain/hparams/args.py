@@ -116,6 +116,14 @@ class GeneratingArguments:
         },
     )
 
+    eval_prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the prompt prefix shared by a task's test rows (system prompt, instruction) once and "
+            "reuse its KV cache for every batch. Predictions are the same; prefill work drops."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError("must be at least 1", field="max_new_tokens")

@@ -296,6 +296,14 @@ def _select_method(values: dict[str, Any], source: str) -> str:
     return name
 
 
+def _multi_process_without_accelerator() -> bool:
+    import os
+
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
     from retain.cl.base import get_method, method_registry
 
@@ -342,6 +350,10 @@ def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
                 "unknown key (see `retain keys` for the accepted ones)", source=source, field=key
             )
     grouped["cl"]["cl_method"] = method_name
+    # A method's own `use_<name>` field says whether it is selected, so it is true however it was chosen
+    # (`cl_method: x` and `use_x: true` then resolve to the same config).
+    if owners.get(f"use_{method_name}") == "method":
+        grouped["method"][f"use_{method_name}"] = True
 
     def build(cls: type, kwargs: dict[str, Any]) -> Any:
         try:
@@ -362,6 +374,8 @@ def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
     if "save_steps" in grouped["training"] and "save_strategy" not in grouped["training"]:
         training_kwargs["save_strategy"] = "steps"
     training_kwargs.setdefault("output_dir", str(Path("runs") / Path(source).stem))
+    if "use_cpu" not in grouped["training"] and _multi_process_without_accelerator():
+        training_kwargs["use_cpu"] = True  # torchrun on CPUs: DDP over gloo
     try:
         training = TrainingArguments(**training_kwargs)
     except (ValueError, TypeError) as exc:

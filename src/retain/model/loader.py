@@ -89,6 +89,11 @@ def load_model(
             dtype=torch.float32,
         )
     except (OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:300]
+        reason = " ".join(str(exc).split()).split(". ")[0][:200]
+        if not local_only:
+            raise ModelError(
+                f"no such local model directory, and fetching '{name}' as a hub id failed ({reason})",
+                field="model_name_or_path",
+            ) from None
         raise ModelError(f"cannot load model: {reason}", source=source, field="model_name_or_path") from None
     return model, _finish_tokenizer(tokenizer)

@@ -30,7 +30,6 @@ from retain.eval.report import build_metrics, write_results
 from retain.hparams.parser import RunConfig
 from retain.io import atomic_dir, atomic_write_json, atomic_write_text
 from retain.model.loader import load_model
-from retain.train.trainer import CLTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,8 @@ class RunState:
     trained: dict[int, str] = field(default_factory=dict)  # task id -> task dir (relative to output_dir)
     matrix: list[list[float | None]] = field(default_factory=list)
     eval_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Named extra figures of the evaluations (`Score.extra`), one (T+1) x T matrix per name.
+    extra: dict[str, list[list[float | None]]] = field(default_factory=dict)
     wall_time_s: float = 0.0
     finished: bool = False
 
@@ -77,6 +78,7 @@ class RunState:
             "trained": {str(k): v for k, v in self.trained.items()},
             "matrix": self.matrix,
             "eval_counts": self.eval_counts,
+            "extra_matrices": self.extra,
             "wall_time_s": round(self.wall_time_s, 3),
             "finished": self.finished,
         }
@@ -89,6 +91,7 @@ class RunState:
             trained={int(k): v for k, v in data["trained"].items()},
             matrix=data["matrix"],
             eval_counts=data.get("eval_counts", {}),
+            extra=data.get("extra_matrices", {}),
             wall_time_s=data.get("wall_time_s", 0.0),
             finished=data.get("finished", False),
         )
@@ -103,6 +106,7 @@ class Session:
 
     def __init__(self, config: RunConfig, *, force: bool = False):
         self.config = config
+        _ = config.training.device  # sets up the process group the way the Trainer will use it
         self.state_ = PartialState()
         self.output_dir = Path(config.training.output_dir)
         self.method: CLMethod = get_method(config.cl.cl_method)(config)
@@ -202,7 +206,8 @@ class Session:
         args = cfg.training
         args.output_dir = str(checkpoint_dir)
         try:
-            trainer = CLTrainer(
+            trainer_class = self.method.trainer_class()
+            trainer = trainer_class(
                 model=self.model,
                 args=args,
                 train_dataset=Dataset.from_list(rows),
@@ -220,6 +225,7 @@ class Session:
         if self.state_.is_main_process:
             with atomic_dir(directory) as tmp:
                 self.method.save_task(self.model, task, tmp)
+            atomic_write_json(self.run_dir / "logs" / f"train_task_{task.id}.json", trainer.state.log_history)
         self.state_.wait_for_everyone()
         self.state.trained[task.id] = str(directory.relative_to(self.output_dir))
         self.save_state()
@@ -235,6 +241,7 @@ class Session:
             builder=self.builder,
             batch_size=self.config.training.per_device_eval_batch_size,
             max_new_tokens=self.config.generating.max_new_tokens,
+            share_prefix=self.config.generating.eval_prefix_cache,
         )
 
     def evaluate_entry(self, row: int, column: int) -> float:
@@ -245,6 +252,11 @@ class Session:
         with self.method.evaluation(self.model, trained, evaluated):
             result = self.method.evaluate(self.model, trained, evaluated, data, self._eval_context())
         self.state.eval_counts[evaluated.name] = {"scored": result.scored, "unlabeled": result.unlabeled}
+        for name, value in result.extra.items():
+            matrix = self.state.extra.setdefault(
+                name, [[None] * len(self.tasks) for _ in range(len(self.tasks) + 1)]
+            )
+            matrix[row][column] = value
         if self.state_.is_main_process and row > 0 and result.predictions is not None:
             self._write_predictions(row, column, result.predictions)
         return result.accuracy
@@ -287,6 +299,7 @@ class Session:
                 "seed": cfg.training.seed,
                 "wall_time_s": round(wall_time, 1),
                 "eval_counts": self.state.eval_counts,
+                **({"extra_matrices": self.state.extra} if self.state.extra else {}),
                 "title": f"{cfg.cl.cl_method} on {cfg.model.model_name_or_path}",
             },
         )

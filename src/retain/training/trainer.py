@@ -9,7 +9,7 @@ from transformers import Trainer
 
 from retain.cl.base import CLMethod, Task
 from retain.errors import TrainingError
-from retain.train.loss import LossScale
+from retain.training.loss import LossScale
 
 
 class CLTrainer(Trainer):
@@ -36,6 +36,13 @@ class CLTrainer(Trainer):
         )
         loss = self.method.compute_loss(model, inputs, scale)
         return (loss, None) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The Trainer prefetches one optimizer step's micro-batches; the method sees them all first.
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples:
+            self.method.begin_step(batch_samples)
+        return batch_samples, num_items_in_batch
 
     def _token_average_factor(self) -> int:
         if self.args.average_tokens_across_devices and self.args.world_size > 1:

@@ -1,0 +1,556 @@
+"""I-LoRA (interpolation-based LoRA): a plastic and a stable adapter, reservoir replay and a
+selective hidden-state consistency loss. The formulas and every decision are in README.md.
+
+The math lives in pure functions (`ema_decay`, `ema_update_`, `selective_mask`,
+`consistency_loss`, `resolve_hidden_layers`) so that tests can check it against hand-computed
+values; the `ILORA` class wires them into the engine's hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from transformers import TrainerCallback
+
+from retain.cl.base import CLMethod, Task, register_method
+from retain.cl.buffer import ReservoirBuffer
+from retain.cl.ilora.ilora_adapter import (
+    PLASTIC,
+    STABLE,
+    _tuner_layers,
+    activate_adapter,
+    hand_over,
+    init_ilora_adapter,
+    load_ilora_adapters,
+    paired_parameters,
+    save_ilora_adapters,
+    use_adapter,
+)
+from retain.data.prompt import IGNORE_INDEX, pad_batch
+from retain.errors import ConfigError, RetainError, TrainingError
+from retain.model.adapters import set_trainable
+from retain.training.loss import LossScale, causal_lm_loss, shifted_targets, token_ce_sum
+
+BUFFER_FILE = "ilora_buffer.safetensors"
+EVAL_ADAPTERS = (STABLE, PLASTIC)
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ILORAArguments:
+    """Arguments of the I-LoRA method (the seed's names and defaults, plus two documented additions)."""
+
+    use_ilora: bool = field(
+        default=False,
+        metadata={"help": "Whether to use the I-LoRA method (same as `cl_method: ilora`)."},
+    )
+    ema_alpha: float = field(
+        default=0.25,
+        metadata={
+            "help": "EMA coefficient in [0, 1]: the weight on the old EMA value, "
+            "ema <- a*ema + (1-a)*default with a = min(1 - 1/(t+1), ema_alpha)."
+        },
+    )
+    consistency_weight: float = field(
+        default=1.0, metadata={"help": "Weight (>= 0) of the hidden-state consistency loss."}
+    )
+    save_ema_adapter: bool = field(
+        default=True,
+        metadata={
+            "help": "Save the EMA adapter in each task directory (`ema/`). Needed to continue or evaluate "
+            "from disk."
+        },
+    )
+    ema_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Read the previous task's EMA adapter from this directory instead of "
+            "`previous_task_model/ema` (requires previous_task_model)."
+        },
+    )
+    selective_update: bool = field(
+        default=True,
+        metadata={
+            "help": "Selective consistency target: keep the plastic hidden state where it exceeds the stable "
+            "one (reg = where(selected, plastic, stable)); false: reg = stable everywhere."
+        },
+    )
+    min_update_threshold: float = field(
+        default=0.1,
+        metadata={
+            "help": "Relative margin (>= 0) for the selective target: an element counts as selected when "
+            "plastic > stable + threshold * |stable|. 0 gives the seed's plastic > stable."
+        },
+    )
+    hidden_state_layers: list[int] | str = field(
+        default_factory=lambda: [-1, -2, -3],
+        metadata={
+            "help": "Hidden states compared by the consistency loss, as indices into the model's "
+            "hidden_states (0: embeddings, -1: the final normed output), or 'all' (every decoder layer)."
+        },
+    )
+    ilora_buffer_size: int = field(
+        default=500,
+        metadata={"help": "Capacity (>= 0) of the reservoir replay buffer of training samples."},
+    )
+    ilora_eval_adapter: str = field(
+        default=STABLE,
+        metadata={"help": "Adapter that answers at evaluation: 'ema' (the stable one) or 'default'."},
+    )
+    ilora_replay_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Buffer rows replayed with each micro-batch. None: per_device_train_batch_size."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_alpha <= 1.0:
+            raise ConfigError("must be in [0, 1]", field="ema_alpha")
+        if self.consistency_weight < 0:
+            raise ConfigError("must be >= 0", field="consistency_weight")
+        if self.min_update_threshold < 0:
+            raise ConfigError("must be >= 0", field="min_update_threshold")
+        if self.ilora_buffer_size < 0:
+            raise ConfigError("must be >= 0", field="ilora_buffer_size")
+        if self.ilora_replay_batch_size is not None and self.ilora_replay_batch_size < 1:
+            raise ConfigError("must be a positive integer or null", field="ilora_replay_batch_size")
+        if self.ilora_eval_adapter not in EVAL_ADAPTERS:
+            raise ConfigError("expected 'ema' or 'default'", field="ilora_eval_adapter")
+        self.hidden_state_layers = _parse_layers(self.hidden_state_layers)
+
+
+def _parse_layers(value: list[int] | str) -> list[int] | str:
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "all":
+            return "all"
+        try:
+            value = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"expected 'all' or a list of layer indices, got {text!r}", field="hidden_state_layers"
+            ) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError("expected 'all' or a non-empty list of layer indices", field="hidden_state_layers")
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+        raise ConfigError("layer indices must be integers", field="hidden_state_layers")
+    return list(value)
+
+
+# ---- pure math -----------------------------------------------------------------------------------------
+
+
+def resolve_hidden_layers(spec: list[int] | str, num_layers: int) -> list[int]:
+    """Indices into `hidden_states` (length num_layers + 1), non-negative and sorted.
+
+    `hidden_states[0]` is the embedding output, `hidden_states[i]` the output of decoder layer i, and
+    the last one (index num_layers, or -1) is the final normed output. 'all' means 1..num_layers.
+    """
+    if spec == "all":
+        return list(range(1, num_layers + 1))
+    count = num_layers + 1
+    resolved = []
+    for index in spec:
+        if not -count <= index < count:
+            raise ConfigError(
+                f"layer index {index} is out of range for a model with {num_layers} layers "
+                f"(valid: {-count}..{count - 1})",
+                field="hidden_state_layers",
+            )
+        resolved.append(index % count)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{list(spec)} names a layer twice", field="hidden_state_layers")
+    return sorted(resolved)
+
+
+def ema_decay(step: int, alpha: float) -> float:
+    """`a_t = min(1 - 1/(t+1), alpha)`; `t` is the 0-based index of the update within the task."""
+    return min(1.0 - 1.0 / (step + 1), alpha)
+
+
+@torch.no_grad()
+def ema_update_(ema: Sequence[torch.Tensor], online: Sequence[torch.Tensor], decay: float) -> None:
+    """In place, fused over all tensors: `ema <- decay * ema + (1 - decay) * online`."""
+    ema, online = list(ema), list(online)
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, online, alpha=1.0 - decay)
+
+
+def selective_mask(plastic: torch.Tensor, stable: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Where the plastic state is kept as its own target: `plastic > stable + threshold * |stable|`.
+
+    With threshold 0 this is exactly the seed's `plastic > stable`.
+    """
+    if threshold == 0:
+        return plastic > stable
+    return plastic > stable + threshold * stable.abs()
+
+
+def consistency_loss(
+    plastic: Sequence[torch.Tensor],
+    stable: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    selective: bool = True,
+    threshold: float = 0.0,
+    num_tokens: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """Mean over the layers, the real tokens and the hidden units of `(plastic - reg)^2`.
+
+    `reg = where(selective_mask, plastic, stable)` (or `stable` everywhere when `selective` is off);
+    the stable states carry no gradient. `mask` [B, T] marks the real (non-padding) tokens. The
+    token count of the mean is `mask.sum()` unless `num_tokens` is given (the trainer passes the
+    real-token count of the whole optimizer step, so that micro-batches add up to one mean).
+    """
+    if len(plastic) != len(stable) or not plastic:
+        raise ValueError("need the same, non-zero number of plastic and stable hidden states")
+    weights = mask.to(torch.float32)
+    total = plastic[0].new_zeros((), dtype=torch.float32)
+    for p, s in zip(plastic, stable, strict=True):
+        p32, s32 = p.float(), s.detach().float()
+        diff = p32 - s32
+        if selective:
+            # reg = plastic where selected: (plastic - reg) is 0 there, and (plastic - stable) elsewhere.
+            diff = diff.masked_fill(selective_mask(p32, s32, threshold), 0.0)
+        total = total + (diff.square().sum(dim=-1) * weights).sum()
+    if num_tokens is None:
+        num_tokens = weights.sum().clamp(min=1.0)
+    return total / (len(plastic) * plastic[0].size(-1) * num_tokens)
+
+
+def concat_right_padded(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Stack two right-padded batches (input_ids, labels, attention_mask) into one, padding the narrower."""
+    width = max(first["input_ids"].size(1), second["input_ids"].size(1))
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    parts = []
+    for batch in (first, second):
+        gap = width - batch["input_ids"].size(1)
+        parts.append({k: F.pad(batch[k], (0, gap), value=v) if gap else batch[k] for k, v in fills.items()})
+    return {k: torch.cat([parts[0][k], parts[1][k]]) for k in fills}
+
+
+# ---- replay buffer -------------------------------------------------------------------------------------
+
+
+class Buffer(ReservoirBuffer):
+    """The shared reservoir memory (uniform over every row offered) with I-LoRA's `get_data`.
+
+    Rows are stored unpadded (`add_batch` strips a padded batch with its attention mask);
+    `get_data` draws distinct rows and right-pads them into a batch.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0, pad_id: int = 0):
+        super().__init__(capacity, seed=seed)
+        self.pad_id = pad_id
+
+    def get_data(self, batch_size: int) -> dict[str, torch.Tensor] | None:
+        """A right-padded batch (input_ids, labels, attention_mask) of up to `batch_size` rows; None if empty."""
+        rows = self.sample(batch_size)
+        return pad_batch(rows, self.pad_id, side="right") if rows else None
+
+    def load(self, path: str | Path) -> None:
+        """Load a saved buffer, keeping this buffer's configured capacity.
+
+        A saved buffer holding more rows than the capacity is cut down to a uniform subsample (still a
+        uniform sample of everything seen).
+        """
+        capacity = self.capacity
+        super().load(path)
+        self.capacity = capacity
+        if len(self.rows) > capacity:
+            self.rows = self.rng.sample(self.rows, capacity)
+
+
+# ---- the method ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ReplayChunk:
+    """The buffer rows replayed with one micro-batch, and the step-wide normalisers."""
+
+    batch: dict[str, torch.Tensor] | None  # right-padded, on the CPU; None: no rows for this micro-batch
+    step_has_replay: bool  # whether the optimizer step replays anything at all
+    step_label_tokens: int  # label tokens of every replayed row of the step
+    step_real_tokens: int  # real (non-padding) tokens of every replayed row of the step
+
+
+def _label_tokens(row: dict[str, list[int]]) -> int:
+    """Tokens a row contributes to the shifted cross-entropy (labels after the first position)."""
+    return sum(1 for v in row["labels"][1:] if v != IGNORE_INDEX)
+
+
+class ILORACallback(TrainerCallback):
+    """After every optimizer step: store the step's samples in the buffer, then update the EMA adapter."""
+
+    def __init__(self, method: ILORA):
+        self.method = method
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.method.end_step()
+
+
+@register_method
+class ILORA(CLMethod):
+    """I-LoRA: `default` learns, `ema` follows it by EMA and answers at evaluation."""
+
+    name = "ilora"
+    arguments = ILORAArguments
+    task_dir_pattern = "ilora_task{id}"
+
+    def __init__(self, config):
+        super().__init__(config)
+        args: ILORAArguments = self.args
+        if args.ema_adapter_path and not config.cl.previous_task_model:
+            raise ConfigError(
+                "needs previous_task_model (it overrides where that task's EMA adapter is read from)",
+                field="ema_adapter_path",
+            )
+        # Each process keeps its own buffer (it sees its own shard of the data).
+        rank = PartialState().process_index
+        self.buffer = Buffer(args.ilora_buffer_size, seed=config.training.seed + rank)
+        self.replay_batch_size = args.ilora_replay_batch_size or config.training.per_device_train_batch_size
+        self.model: Any = None
+        self.layer_indices: list[int] = []
+        self.ema_updates = 0  # EMA updates made in the current task (t of the next update)
+        self._plan: deque[_ReplayChunk] = deque()
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._pending_event: Any = None
+
+    # ---- model -----------------------------------------------------------------------------------
+    def prepare_model(self, model, tokenizer):
+        self.tokenizer = tokenizer
+        self.buffer.pad_id = tokenizer.pad_token_id
+        peft_model = init_ilora_adapter(model, self.config.finetuning)
+        self.bind(peft_model)
+        return peft_model
+
+    def bind(self, peft_model) -> None:
+        """Select, once, everything the step needs: adapter tensors, tuner layers, the body, the layers."""
+        self.model = peft_model
+        self._layers = _tuner_layers(peft_model)
+        self._default_tensors, self._ema_tensors = paired_parameters(peft_model, PLASTIC, STABLE)
+        base = peft_model.get_base_model()
+        self._body = base.base_model  # the transformer body without the LM head (e.g. LlamaModel)
+        if self._body is base:
+            raise RetainError(f"I-LoRA cannot find the transformer body of {type(base).__name__}")
+        self._body_modules = list(self._body.modules())
+        self.layer_indices = resolve_hidden_layers(
+            self.args.hidden_state_layers, base.config.get_text_config().num_hidden_layers
+        )
+
+    def trainer_class(self):
+        from retain.cl.ilora.ilora_trainer import ILORATrainer
+
+        return ILORATrainer
+
+    def callbacks(self, model):
+        return [ILORACallback(self)]
+
+    # ---- task boundaries -------------------------------------------------------------------------
+    def begin_task(self, model, task: Task, data) -> None:
+        # default <- ema: the previous task's stable adapter (for the first task, ema is a copy of the
+        # fresh default, so this changes nothing). ema stays as it is, so both start equal.
+        hand_over(self.model)
+        activate_adapter(self.model, PLASTIC, self._layers)
+        self.ema_updates = 0
+        self._plan.clear()
+        self._pending = []
+
+    def end_task(self, model, task: Task, data) -> None:
+        self._plan.clear()
+        self._pending = []
+
+    def save_task(self, model, task: Task, directory: Path) -> None:
+        save_ilora_adapters(model, directory, save_ema=self.args.save_ema_adapter)
+        self.buffer.save(directory / BUFFER_FILE)
+
+    def load_task(self, model, task: Task | None, directory: Path) -> None:
+        """Restore the state saved after a task: both adapters and the buffer.
+
+        `task` None is the hand-over from `previous_task_model`, where `ema_adapter_path` (if set)
+        replaces `directory/ema`. The switch `default <- ema` happens in `begin_task`.
+        """
+        ema_path = self.args.ema_adapter_path if task is None else None
+        load_ilora_adapters(model, directory, ema_path)
+        path = Path(directory) / BUFFER_FILE
+        if not path.is_file():
+            raise RetainError(
+                "I-LoRA replay buffer not found (not an I-LoRA task directory?)", source=str(path)
+            )
+        self.buffer.load(path)
+        set_trainable(model, {PLASTIC})
+        activate_adapter(model, PLASTIC, self._layers)
+
+    @contextlib.contextmanager
+    def evaluation(self, model, trained: Task | None, evaluated: Task) -> Iterator[None]:
+        if trained is None:
+            with model.disable_adapter():
+                yield
+        else:
+            with use_adapter(model, self.args.ilora_eval_adapter, self._layers):
+                yield
+
+    # ---- the seed's API ----------------------------------------------------------------------------
+    def update_ema_weights(self) -> float:
+        """One EMA step over every tensor of the adapter pair; returns the decay `a_t` used."""
+        decay = ema_decay(self.ema_updates, self.args.ema_alpha)
+        ema_update_(self._ema_tensors, self._default_tensors, decay)
+        self.ema_updates += 1
+        return decay
+
+    def compute_consistency_loss(
+        self,
+        plastic_hidden: Sequence[torch.Tensor],
+        stable_hidden: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor,
+        num_tokens: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        return consistency_loss(
+            plastic_hidden,
+            stable_hidden,
+            attention_mask,
+            selective=self.args.selective_update,
+            threshold=self.args.min_update_threshold,
+            num_tokens=num_tokens,
+        )
+
+    def store_sample(self, batch: dict[str, torch.Tensor]) -> None:
+        """Offer every row of a padded batch to the reservoir buffer (stored without padding)."""
+        self.buffer.add_batch(batch)
+
+    def get_replay_samples(self, batch_size: int) -> dict[str, torch.Tensor] | None:
+        return self.buffer.get_data(batch_size)
+
+    # ---- the training step -------------------------------------------------------------------------
+    def begin_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Draw the replay rows of the whole optimizer step at once and split them by micro-batch.
+
+        Drawing per step (not per micro-batch) and normalising by the step's token counts makes the
+        loss identical under gradient accumulation 1 and n.
+        """
+        count = len(micro_batches)
+        size = self.replay_batch_size
+        rows = self.buffer.sample(size * count)
+        label_tokens = sum(_label_tokens(r) for r in rows)
+        real_tokens = sum(len(r["input_ids"]) for r in rows)
+        self._plan = deque()
+        for i in range(count):
+            part = rows[i * size : (i + 1) * size]
+            self._plan.append(
+                _ReplayChunk(
+                    batch=pad_batch(part, self.buffer.pad_id, side="right") if part else None,
+                    step_has_replay=bool(rows),
+                    step_label_tokens=max(label_tokens, 1),
+                    step_real_tokens=max(real_tokens, 1),
+                )
+            )
+        self._stash(micro_batches)
+
+    def _stash(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Start copying the step's rows to the CPU (asynchronously on a GPU); stored in `end_step`."""
+        self._pending = []
+        self._pending_event = None
+        if self.buffer.capacity == 0:
+            return
+        keys = ("input_ids", "labels", "attention_mask")
+        on_gpu = any(batch["input_ids"].is_cuda for batch in micro_batches)
+        for batch in micro_batches:
+            # On CUDA the copy is asynchronous (into pinned memory); an event marks its end.
+            self._pending.append(
+                {k: batch[k].detach().to("cpu", non_blocking=on_gpu) for k in keys if k in batch}
+            )
+        if on_gpu:
+            self._pending_event = torch.cuda.Event()
+            self._pending_event.record()
+
+    def end_step(self) -> None:
+        """After the optimizer step: store the step's samples, then update the EMA adapter."""
+        if self._pending_event is not None:
+            self._pending_event.synchronize()  # waits for the row copies only, long done by now
+            self._pending_event = None
+        for batch in self._pending:
+            self.store_sample(batch)
+        self._pending = []
+        self.update_ema_weights()
+
+    def compute_loss(self, model, inputs, scale: LossScale) -> torch.Tensor:
+        """`(L_cur + L_buf)/2 + consistency_weight * l_cons` when the step replays rows, else `L_cur`."""
+        if not model.training:
+            return causal_lm_loss(model, inputs, scale)
+        if not self._plan:
+            raise TrainingError(
+                "I-LoRA's compute_loss ran without a planned replay batch: the trainer must call "
+                "method.begin_step (retain.training.trainer.CLTrainer does)"
+            )
+        chunk = self._plan.popleft()
+        if not chunk.step_has_replay:
+            return causal_lm_loss(model, inputs, scale)
+        if chunk.batch is None:  # the buffer had too few rows to give this micro-batch any
+            return 0.5 * causal_lm_loss(model, inputs, scale)
+
+        device = inputs["input_ids"].device
+        replay = {k: v.to(device, non_blocking=True) for k, v in chunk.batch.items()}
+        joined = concat_right_padded(inputs, replay, self.buffer.pad_id)
+        keep, targets = shifted_targets(joined["labels"])
+        use_cons = self.args.consistency_weight > 0
+        # One plastic forward over the current and the replayed rows together.
+        out = model(
+            input_ids=joined["input_ids"],
+            attention_mask=joined["attention_mask"],
+            logits_to_keep=keep,
+            output_hidden_states=self.layer_indices if use_cons else None,
+            use_cache=False,
+        )
+        n_cur = inputs["input_ids"].size(0)
+        cur_sum, cur_count = token_ce_sum(out.logits[:n_cur], targets[:n_cur])
+        buf_sum, _ = token_ce_sum(out.logits[n_cur:], targets[n_cur:])
+        l_cur = scale.token_mean(cur_sum, cur_count)
+        # Mean over the step's replayed label tokens (per process; DDP then averages the processes).
+        l_buf = LossScale(num_items=chunk.step_label_tokens).token_mean(buf_sum, chunk.step_label_tokens)
+        loss = 0.5 * (l_cur + l_buf)
+        if use_cons:
+            width = replay["input_ids"].size(1)
+            plastic = [out.hidden_states[i][n_cur:, :width] for i in self.layer_indices]
+            stable = self.stable_hidden_states(replay)
+            l_cons = self.compute_consistency_loss(
+                plastic, stable, replay["attention_mask"], num_tokens=chunk.step_real_tokens
+            )
+            loss = loss + self.args.consistency_weight * l_cons
+        return loss
+
+    @torch.no_grad()
+    def stable_hidden_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The `ema` adapter's hidden states at the selected layers: one no-grad pass through the body
+        (no LM head), in eval mode so that the target is deterministic."""
+        modes = [m.training for m in self._body_modules]
+        _set_training(self._body_modules, [False] * len(modes))
+        try:
+            with use_adapter(self.model, STABLE, self._layers):
+                out = self._body(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=self.layer_indices,
+                    use_cache=False,
+                )
+        finally:
+            _set_training(self._body_modules, modes)
+        return [out.hidden_states[i] for i in self.layer_indices]
+
+
+def _set_training(modules: list[torch.nn.Module], modes: list[bool]) -> None:
+    """`module.train(mode)` for a precomputed module list, without the recursive walk."""
+    for module, mode in zip(modules, modes, strict=True):
+        module.__dict__["training"] = mode

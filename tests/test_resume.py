@@ -1,0 +1,95 @@
+"""Kill a run with SIGKILL during task 2, resume it, and compare with an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from retain.hparams.parser import parse_config
+from retain.training.sequence import STATE_FILE, Session
+
+KILLER = """
+import os, signal, sys
+from transformers import TrainerCallback
+from retain.training import trainer as trainer_module
+
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+original_init = trainer_module.CLTrainer.__init__
+
+
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    if self.task.id == 2:
+        self.add_callback(KillAt())
+
+
+trainer_module.CLTrainer.__init__ = init
+from retain.cli import main
+
+sys.exit(main(["run", sys.argv[1]]))
+"""
+
+METHODS = {
+    "seq": {},
+    "replay": {"cl_method": "replay", "replay_ratio": 0.5},
+}
+
+
+def adapter_tensors(run_dir, task_id):
+    files = sorted(run_dir.glob(f"*{task_id}/**/*.safetensors"))
+    assert files, f"no saved state for task {task_id} in {run_dir}"
+    return {f"{f.relative_to(run_dir)}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sigkill_during_task_2_then_resume_matches_uninterrupted(
+    method, tiny_config, learnable_dir, tmp_path
+):
+    values = tiny_config(
+        **METHODS[method],
+        dataset_dir=str(learnable_dir),
+        save_steps=1,
+        learning_rate=1e-2,
+        num_train_epochs=2,
+    )
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({**values, "output_dir": str(killed_dir)}))
+    result = subprocess.run([sys.executable, "-c", KILLER, str(config_file)], capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    state = json.loads((killed_dir / STATE_FILE).read_text())
+    assert list(state["trained"]) == ["1"] and not state["finished"]
+    assert all(v is not None for v in state["matrix"][1]) and state["matrix"][2] == [None, None, None]
+    assert list((killed_dir / "checkpoints" / "task_2").glob("checkpoint-1"))
+    task1_before = adapter_tensors(killed_dir, 1)
+
+    resumed = Session(parse_config({**values, "output_dir": str(killed_dir)}))
+    trained = []
+    original = resumed.train_task
+    resumed.train_task = lambda task, data: (trained.append(task.id), original(task, data))[1]
+    resumed_metrics = resumed.run()
+    assert trained == [2, 3], "task 1 must not be retrained"
+    for key, value in adapter_tensors(killed_dir, 1).items():
+        assert torch.equal(value, task1_before[key])
+
+    clean_metrics = Session(parse_config({**values, "output_dir": str(clean_dir)})).run()
+    flat = [v for row in resumed_metrics["matrix"] for v in row]
+    assert flat == pytest.approx([v for row in clean_metrics["matrix"] for v in row], abs=1e-6)
+    assert max(flat) > 0, "the tasks must be learned, or the comparison says little"
+    clean_final, resumed_final = adapter_tensors(clean_dir, 3), adapter_tensors(killed_dir, 3)
+    assert clean_final.keys() == resumed_final.keys()
+    for key in clean_final:
+        torch.testing.assert_close(resumed_final[key], clean_final[key], atol=1e-6, rtol=0)
+    assert not (killed_dir / "checkpoints" / "task_2").exists(), "a finished task's checkpoints are removed"
