@@ -115,6 +115,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from retain.bench import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retain", description="Continual learning for language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -137,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered continual-learning methods")
     p = sub.add_parser("keys", help="list the accepted config keys with their help")
     p.add_argument("method", nargs="?", help="also list this method's keys")
+    p = sub.add_parser(
+        "bench",
+        help="performance benchmarks: step-time, eval, scaling, cil (see benchmarks/README.md)",
+        description="Performance benchmarks: medians over repeats, compared variants side by side in one run.",
+    )
+    from retain.bench import add_subcommands
+
+    add_subcommands(p)
     return parser
 
 
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": cmd_models,
         "methods": cmd_methods,
         "keys": cmd_keys,
+        "bench": cmd_bench,
     }
     try:
         return handlers[args.command](args)

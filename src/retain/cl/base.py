@@ -122,6 +122,25 @@ class CLMethod:
         """Restore the state that `save_task` wrote, as the starting point of the next task."""
         raise NotImplementedError
 
+    # ---- mid-task checkpoints ---------------------------------------------------------
+    def save_checkpoint(self, model: torch.nn.Module, directory: Path) -> None:
+        """Write the method state that a Trainer checkpoint does not hold into `directory`.
+
+        Called on every process whenever the Trainer writes a checkpoint (`save_steps`), with the
+        checkpoint folder (`.../checkpoint-N`), after optimizer step N and its callbacks, and before
+        the Trainer writes its own files there. The Trainer already saves what it trains (the
+        model's trainable weights), the optimizer, the scheduler and the RNG states; a method
+        saves what it keeps outside them (an EMA copy, a replay buffer, counters). Write
+        atomically (`retain.io`); per-process state goes in per-process files. Default: nothing.
+        """
+
+    def load_checkpoint(self, model: torch.nn.Module, directory: Path) -> None:
+        """Restore what `save_checkpoint` wrote, before training resumes from that checkpoint.
+
+        Called on every process after `begin_task` and before the Trainer restores its own part of
+        the checkpoint. Default: nothing.
+        """
+
     # ---- evaluation -----------------------------------------------------------------
     @contextlib.contextmanager
     def evaluation(self, model: torch.nn.Module, trained: Task | None, evaluated: Task) -> Iterator[None]:
@@ -140,6 +159,20 @@ class CLMethod:
 
         label = "base" if trained is None else f"after {trained.name}"
         return generative_score(model, data, ctx, desc=f"eval {evaluated.name} ({label})")
+
+    def base_evaluation_key(self) -> str | None:
+        """How this method scores the base model (row 0), as a short name; None: not cacheable.
+
+        The task loop keeps row 0 in a cross-run cache (`retain.eval.base_cache`, config key
+        `eval_base_cache`) keyed by the base weights, the test rows, the prompt format, the
+        generation settings and this name. Return a name only when `evaluation(model, None, ...)`
+        plus `evaluate` score the plain base model and depend on nothing else (no method state, no
+        seeded head). Default: 'generative' when the method keeps both default hooks, else None.
+        """
+        cls = type(self)
+        if cls.evaluation is CLMethod.evaluation and cls.evaluate is CLMethod.evaluate:
+            return "generative"
+        return None
 
 
 _REGISTRY: dict[str, type[CLMethod]] = {}

@@ -144,6 +144,14 @@ class CLArguments:
     eval_base: bool = field(
         default=True, metadata={"help": "Evaluate the base model first (row 0, needed for FWT)."}
     )
+    eval_base_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse the base model's row 0 across runs: each entry is cached under $RETAIN_CACHE/eval/, "
+            "keyed by the base weights, the test rows, the prompt format and the generation settings, and "
+            "only for methods whose base evaluation is the plain one. false: always generate it."
+        },
+    )
     previous_task_model: str | None = field(
         default=None,
         metadata={"help": "A task directory saved by an earlier run; the first task here starts from it."},

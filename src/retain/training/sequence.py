@@ -19,17 +19,18 @@ from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from retain.cl.base import CLMethod, Task, get_method
 from retain.data.prompt import PromptBuilder
 from retain.data.tasks import TaskData, load_tasks
 from retain.errors import ConfigError, RetainError
+from retain.eval.base_cache import BaseRowEntry, base_model_id
 from retain.eval.predict import EvalContext
 from retain.eval.report import build_metrics, write_results
 from retain.hparams.parser import RunConfig
 from retain.io import atomic_dir, atomic_write_json, atomic_write_text
 from retain.model.loader import load_model
+from retain.training.trainer import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ RESUME_SAFE_KEYS = {
     "save_strategy",
     "save_total_limit",
     "model_cache_dir",
+    "eval_base_cache",
 }
 
 
@@ -120,12 +122,15 @@ class Session:
         self.state = self._load_or_create_state(force)
         self.model: torch.nn.Module | None = None
         self.model_at: int | None = None  # id of the task whose state the model holds; 0 = fresh
+        self.base_model_id: str | None = None  # fingerprint of the base weights, when row 0 is cached
 
     def load(self) -> None:
         """Load the model, encode the data and let the method wrap the model (once)."""
         if self.model is not None:
             return
         model, tokenizer = load_model(self.config.model, kind=self.method.model_kind())
+        if self.config.cl.eval_base and self.config.cl.eval_base_cache:
+            self.base_model_id = base_model_id(self.config.model, model)
         self.tokenizer = tokenizer
         self.builder = PromptBuilder(tokenizer, self.config.data.template)
         for task_data in self.data:
@@ -216,8 +221,10 @@ class Session:
                 method=self.method,
                 task=task,
             )
-            resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-            trainer.train(resume_from_checkpoint=resume)
+            resume = last_complete_checkpoint(checkpoint_dir)
+            if resume is not None:
+                self.method.load_checkpoint(self.model, resume)
+            trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         finally:
             args.output_dir = str(self.output_dir)
         self.method.end_task(self.model, task, data)
@@ -249,8 +256,18 @@ class Session:
         data = self.data[column]
         evaluated = self.tasks[column]
         trained = self.tasks[row - 1] if row > 0 else None
-        with self.method.evaluation(self.model, trained, evaluated):
-            result = self.method.evaluate(self.model, trained, evaluated, data, self._eval_context())
+        ctx = self._eval_context()
+        cached = None  # row 0 across runs, when the method says how it scores the base model
+        method_key = self.method.base_evaluation_key() if row == 0 and self.base_model_id else None
+        if method_key is not None:
+            device = next(self.model.parameters()).device
+            cached = BaseRowEntry.open(self.base_model_id, method_key, data, ctx, device)
+        result = cached.load() if cached is not None else None
+        if result is None:
+            with self.method.evaluation(self.model, trained, evaluated):
+                result = self.method.evaluate(self.model, trained, evaluated, data, ctx)
+            if cached is not None:
+                cached.store(result)
         self.state.eval_counts[evaluated.name] = {"scored": result.scored, "unlabeled": result.unlabeled}
         for name, value in result.extra.items():
             matrix = self.state.extra.setdefault(

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from retain.cl.base import CLMethod, Task
 from retain.errors import TrainingError
 from retain.training.loss import LossScale
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest `checkpoint-N` in `directory` that was written to the end, or None.
+
+    The Trainer writes `trainer_state.json` after the weights, the optimizer and the RNG states (and
+    `CLTrainer` writes the method's state before all of them), so a folder without it is a checkpoint
+    cut short by a kill, and is skipped.
+    """
+    if not directory.is_dir():
+        return None
+    steps = []
+    for path in directory.iterdir():
+        prefix, _, number = path.name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and (path / TRAINER_STATE_NAME).is_file():
+            steps.append((int(number), path))
+    return max(steps)[1] if steps else None
 
 
 class CLTrainer(Trainer):
@@ -43,6 +63,14 @@ class CLTrainer(Trainer):
         if batch_samples:
             self.method.begin_step(batch_samples)
         return batch_samples, num_items_in_batch
+
+    def _save_checkpoint(self, model, trial):
+        # The method's state first, on every process, then the Trainer's files: the Trainer writes
+        # `trainer_state.json` last, so a checkpoint that has it also has the method's state.
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.method.save_checkpoint(self.model, folder)
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
 
     def _token_average_factor(self) -> int:
         if self.args.average_tokens_across_devices and self.args.world_size > 1:

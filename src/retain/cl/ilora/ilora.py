@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from transformers import TrainerCallback
 
 from retain.cl.base import CLMethod, Task, register_method
@@ -36,10 +38,14 @@ from retain.cl.ilora.ilora_adapter import (
 )
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError, RetainError, TrainingError
-from retain.model.adapters import set_trainable
+from retain.io import atomic_write_bytes
+from retain.model.adapters import adapter_parameters, set_trainable
 from retain.training.loss import LossScale, causal_lm_loss, shifted_targets, token_ce_sum
 
 BUFFER_FILE = "ilora_buffer.safetensors"
+#: Mid-task checkpoint files (next to the Trainer's in `checkpoint-N/`).
+CHECKPOINT_STATE = "ilora_state.safetensors"  # the EMA adapter and the EMA step counter (main process)
+CHECKPOINT_BUFFER = "ilora_buffer_rank{rank}.safetensors"  # each process's own replay buffer
 EVAL_ADAPTERS = (STABLE, PLASTIC)
 
 
@@ -394,6 +400,54 @@ class ILORA(CLMethod):
         set_trainable(model, {PLASTIC})
         activate_adapter(model, PLASTIC, self._layers)
 
+    # ---- mid-task checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, model, directory: Path) -> None:
+        """The Trainer's checkpoint holds `default` (and its optimizer); add what it does not: the `ema`
+        adapter with the EMA step counter (main process) and each process's replay buffer.
+
+        The Trainer calls this after the step's callbacks, so the step's rows are already in the buffer
+        and the EMA update is done; nothing is pending.
+        """
+        directory = Path(directory)
+        state = PartialState()
+        if state.is_main_process:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_parameters(model, STABLE).items()}
+            meta = {"format": "1", "ema_updates": str(self.ema_updates)}
+            atomic_write_bytes(directory / CHECKPOINT_STATE, save(tensors, metadata=meta))
+        self.buffer.save(directory / CHECKPOINT_BUFFER.format(rank=state.process_index))
+
+    def load_checkpoint(self, model, directory: Path) -> None:
+        """Restore the `ema` adapter, the EMA step counter and this process's buffer (after `begin_task`)."""
+        directory = Path(directory)
+        state = PartialState()
+        path = directory / CHECKPOINT_STATE
+        buffer_path = directory / CHECKPOINT_BUFFER.format(rank=state.process_index)
+        for needed in (path, buffer_path):
+            if not needed.is_file():
+                raise RetainError(
+                    "this checkpoint has no I-LoRA state for this process (written by another method, or "
+                    "by a run with another number of processes); resume with the same setup, or delete "
+                    "the checkpoint folder to restart the task",
+                    source=str(needed),
+                )
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if not meta.get("ema_updates", "").isdigit():
+            raise RetainError("the I-LoRA checkpoint state has no EMA step counter", source=str(path))
+        saved = load_file(str(path))
+        targets = adapter_parameters(model, STABLE)
+        if saved.keys() != targets.keys():
+            raise RetainError(
+                "the saved EMA adapter does not match the model's `ema` adapter", source=str(path)
+            )
+        with torch.no_grad():
+            for key, param in targets.items():
+                param.copy_(saved[key].to(param.device, param.dtype))
+        self.ema_updates = int(meta["ema_updates"])
+        self.buffer.load(buffer_path)
+        set_trainable(model, {PLASTIC})
+        activate_adapter(model, PLASTIC, self._layers)
+
     @contextlib.contextmanager
     def evaluation(self, model, trained: Task | None, evaluated: Task) -> Iterator[None]:
         if trained is None:
@@ -402,6 +456,9 @@ class ILORA(CLMethod):
         else:
             with use_adapter(model, self.args.ilora_eval_adapter, self._layers):
                 yield
+
+    def base_evaluation_key(self) -> str | None:
+        return "generative"  # the base row is the plain model, adapters off, with greedy generation
 
     # ---- the seed's API ----------------------------------------------------------------------------
     def update_ema_weights(self) -> float:

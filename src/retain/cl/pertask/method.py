@@ -34,6 +34,7 @@ from retain.cl.pertask.tagging import encode_words, entity_f1
 from retain.data.prompt import IGNORE_INDEX, normalize_answer, pad_batch
 from retain.errors import ConfigError, DataError, ModelError, TrainingError
 from retain.eval.predict import Score, generative_score
+from retain.io import atomic_write_json
 from retain.model.adapters import ADAPTER_WEIGHTS, adapter_parameters, load_adapter_weights, lora_config
 from retain.training.loss import causal_lm_loss, shifted_targets, token_ce_sum
 
@@ -43,6 +44,8 @@ STATE_FILE = "pertask.json"
 HEAD_FILE = "head.safetensors"
 HEAD_CONFIG = "head.json"
 ROUTER_FILE = "router.safetensors"
+#: Mid-task checkpoint file (next to the Trainer's in `checkpoint-N/`).
+CHECKPOINT_FILE = "pertask_checkpoint.json"
 #: Engine LoRA keys that this method replaces by the seed's PEFT_lora_* keys.
 ENGINE_LORA_KEYS = {
     "lora_rank": "PEFT_lora_r",
@@ -572,6 +575,11 @@ class PerTaskPEFT(CLMethod):
         with self._adapter(target):
             yield
 
+    def base_evaluation_key(self) -> str | None:
+        # Generative: the base row is the plain model (adapters off). Heads score the base row with a
+        # seeded fresh head per task, which depends on more than the base model: not cached.
+        return None if self.args.uses_heads else "generative"
+
     def evaluate(self, model, trained: Task | None, evaluated: Task, data, ctx) -> Score:
         label = "base" if trained is None else f"after {trained.name}"
         if not self.args.uses_heads:
@@ -766,6 +774,26 @@ class PerTaskPEFT(CLMethod):
                     raise ModelError(str(exc), source=str(directory / ROUTER_FILE)) from None
         self.skipped.update(meta.get("nonfinite_skipped", {}))
         self._apply_trainable(None)
+
+    # ---- mid-task checkpoints ----------------------------------------------------------------------
+    # The Trainer's checkpoint already holds every adapter of the PeftModel (generative runs) or the
+    # whole PerTaskModel with its heads and router (classifier runs), plus the optimizer and the RNG
+    # states. Outside it the method keeps only the count of skipped non-finite micro-batches.
+    def save_checkpoint(self, model, directory: Path) -> None:
+        if PartialState().is_main_process:
+            atomic_write_json(
+                Path(directory) / CHECKPOINT_FILE, {"format": 1, "nonfinite_skipped": self.skipped}
+            )
+
+    def load_checkpoint(self, model, directory: Path) -> None:
+        path = Path(directory) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise ModelError(
+                "this checkpoint has no state of the peft method (written by another method?); delete the "
+                "checkpoint folder to restart the task",
+                source=str(path),
+            )
+        self.skipped = dict(json.loads(path.read_text())["nonfinite_skipped"])
 
     def _load_adapter(self, name: str, directory: Path) -> None:
         if not self.prompt_tuning:
