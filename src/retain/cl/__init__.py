@@ -8,6 +8,7 @@ built-in modules listed here and any module a package declares under the entry-p
 BUILTIN_METHOD_MODULES = (
     "retain.cl.seq",
     "retain.cl.replay",
+    "retain.cl.multitask",
     "retain.cl.ilora",
     "retain.cl.pertask",
 )

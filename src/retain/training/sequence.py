@@ -137,6 +137,10 @@ class Session:
             self.method.encode_task(task_data, self.builder, self.config.data.cutoff_len)
         set_seed(self.config.training.seed)  # adapter initialisation depends on the seed only
         self.model = self.method.prepare_model(model, tokenizer)
+        training = self.config.training
+        if training.device.type != "cpu" and not (training.deepspeed or training.fsdp):
+            # Row 0 and `retain eval` run before any Trainer exists: put the model where it trains.
+            self.model.to(training.device)
 
     # ---- state -------------------------------------------------------------------------
     def _load_or_create_state(self, force: bool) -> RunState:
