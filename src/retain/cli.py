@@ -115,6 +115,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from retain.eval.compare import compare, parse_run_args, write_comparison
+
+    summary = compare(parse_run_args(args.runs))
+    print(write_comparison(args.out, summary))
+    print(f"comparison: {Path(args.out) / 'comparison.md'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from retain.bench import run
 
@@ -144,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered continual-learning methods")
     p = sub.add_parser("keys", help="list the accepted config keys with their help")
     p.add_argument("method", nargs="?", help="also list this method's keys")
+    p = sub.add_parser(
+        "compare",
+        help="compare finished runs: mean and spread over seeds of each metric, per group",
+        description="Runs named NAME_s1, NAME_s2 (or NAME_seed1, ...) form the group NAME; "
+        "LABEL=RUN_DIR puts a run in the group LABEL.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or LABEL=RUN_DIR)")
+    p.add_argument("--out", default="comparison", help="folder for comparison.md/.json/.png")
     p = sub.add_parser(
         "bench",
         help="performance benchmarks: step-time, eval, scaling, cil (see benchmarks/README.md)",
@@ -176,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": cmd_models,
         "methods": cmd_methods,
         "keys": cmd_keys,
+        "compare": cmd_compare,
         "bench": cmd_bench,
     }
     try:

@@ -105,7 +105,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _figure_bytes(fig) -> bytes:
+def figure_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     data = io.BytesIO()
@@ -140,7 +140,7 @@ def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str =
     ax.set_xlabel("evaluated task")
     ax.set_title(title or "accuracy (%)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    return _figure_bytes(fig)
+    return figure_bytes(fig)
 
 
 def curve_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
@@ -161,4 +161,4 @@ def curve_png(tasks: list[str], matrix: list[list[float | None]], title: str = "
     ax.set_ylim(-2, 102)
     ax.set_title(title or "accuracy per task over the sequence")
     ax.legend(fontsize=8, loc="best")
-    return _figure_bytes(fig)
+    return figure_bytes(fig)

@@ -1,0 +1,145 @@
+"""Compare finished runs: group them by label and give each metric's mean and spread over seeds.
+
+A group is the runs of one method setting with different seeds. Its label is given as
+`LABEL=RUN_DIR`, or taken from the run directory's name without a trailing seed suffix
+(`_seed<N>` or `_s<N>`), so `runs/ilora_s1` and `runs/ilora_s2` form the group `ilora`.
+Spread is the sample standard deviation over the group's runs (n - 1 in the denominator); a
+metric that any run of the group lacks is reported as missing, never averaged over the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from retain.errors import RetainError
+from retain.eval.report import load_metrics
+from retain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METRIC_KEYS = ("last", "avg", "bwt", "fwt", "forgetting")
+_SEED_SUFFIX = re.compile(r"_(?:seed|s)\d+$")
+
+
+def run_label(run_dir: str | Path) -> str:
+    """The group label of a run directory: its name without a trailing `_seed<N>` / `_s<N>`."""
+    return _SEED_SUFFIX.sub("", Path(run_dir).name)
+
+
+def mean_and_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; (None, None) if any value is missing; sd None for n < 2."""
+    if not values or any(v is None or math.isnan(v) for v in values):
+        return None, None
+    mean = sum(values) / len(values)  # type: ignore[arg-type]
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)  # type: ignore[operator]
+    return mean, math.sqrt(var)
+
+
+def seen_average_curve(matrix: list[list[float | None]]) -> list[float | None]:
+    """Entry k-1: the mean accuracy over tasks 1..k after training task k (the terms of Avg)."""
+    curve: list[float | None] = []
+    for k in range(1, len(matrix)):
+        seen = matrix[k][:k]
+        curve.append(None if any(v is None for v in seen) else sum(seen) / k)  # type: ignore[arg-type]
+    return curve
+
+
+def _elementwise_mean(rows: list[list[float | None]]) -> list[float | None]:
+    return [mean_and_sd(list(column))[0] for column in zip(*rows, strict=True)]
+
+
+def compare(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """Summaries of labelled groups of (run directory, metrics.json) pairs."""
+    summary: dict[str, Any] = {}
+    for label, runs in groups.items():
+        tasks = runs[0][1]["tasks"]
+        for run_dir, metrics in runs:
+            if metrics["tasks"] != tasks:
+                raise RetainError(
+                    f"group '{label}' mixes task sequences: {metrics['tasks']} vs {tasks}", source=run_dir
+                )
+        entry: dict[str, Any] = {
+            "runs": [run_dir for run_dir, _ in runs],
+            "seeds": [metrics.get("seed") for _, metrics in runs],
+            "method": sorted({str(metrics.get("method")) for _, metrics in runs}),
+            "tasks": tasks,
+        }
+        for key in METRIC_KEYS:
+            mean, sd = mean_and_sd([metrics.get(key) for _, metrics in runs])
+            entry[key] = {"mean": mean, "sd": sd}
+        walls = [metrics.get("wall_time_s") for _, metrics in runs]
+        entry["wall_time_s"] = mean_and_sd(walls)[0]
+        entry["matrix"] = [
+            _elementwise_mean(list(rows)) for rows in zip(*(m["matrix"] for _, m in runs), strict=True)
+        ]
+        entry["seen_average"] = _elementwise_mean([seen_average_curve(m["matrix"]) for _, m in runs])
+        summary[label] = entry
+    return summary
+
+
+def _pct(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.1f}" if sd is None else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| run | method | seeds | Last | Avg | BWT | FWT | Forgetting | wall (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, entry in summary.items():
+        cells = [_pct(entry[key]["mean"], entry[key]["sd"]) for key in METRIC_KEYS]
+        wall = "n/a" if entry["wall_time_s"] is None else f"{entry['wall_time_s'] / 60:.0f}"
+        seeds = ", ".join(str(s) for s in entry["seeds"])
+        lines.append(f"| {label} | {', '.join(entry['method'])} | {seeds} | {' | '.join(cells)} | {wall} |")
+    return "\n".join(lines) + "\n\nAccuracy in %, mean ± sample standard deviation over seeds.\n"
+
+
+def comparison_png(summary: dict[str, Any]) -> bytes:
+    """Mean accuracy over the tasks seen so far, after each task, one line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from retain.eval.report import figure_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, entry in summary.items():
+        curve = entry["seen_average"]
+        xs = [k for k, v in enumerate(curve, start=1) if v is not None]
+        ax.plot(xs, [100 * curve[k - 1] for k in xs], marker="o", label=label)
+    tasks = next(iter(summary.values()))["tasks"] if summary else []
+    ax.set_xticks(range(1, len(tasks) + 1), [f"T{k}" for k in range(1, len(tasks) + 1)])
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("mean accuracy over seen tasks (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure_bytes(fig)
+
+
+def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """`RUN_DIR` or `LABEL=RUN_DIR` items, grouped by label in order of first appearance."""
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or Path(item).exists():
+            label, path = run_label(item), item
+        groups.setdefault(label, []).append((path, load_metrics(path)))
+    return groups
+
+
+def write_comparison(out_dir: str | Path, summary: dict[str, Any]) -> str:
+    """Write comparison.json, comparison.md and comparison.png into `out_dir`; return the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = comparison_markdown(summary)
+    atomic_write_json(out / "comparison.json", summary)
+    atomic_write_text(out / "comparison.md", "# Comparison\n\n" + text)
+    atomic_write_bytes(out / "comparison.png", comparison_png(summary))
+    return text

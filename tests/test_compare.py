@@ -1,0 +1,73 @@
+import json
+import math
+
+import pytest
+
+from retain.cli import main
+from retain.errors import RetainError
+from retain.eval.compare import compare, mean_and_sd, parse_run_args, run_label, seen_average_curve
+
+TASKS = ["a", "b"]
+
+
+def write_run(path, matrix, seed, tasks=TASKS, **metrics):
+    path.mkdir(parents=True)
+    values = {"last": None, "avg": None, "bwt": None, "fwt": None, "forgetting": None, **metrics}
+    doc = {"tasks": tasks, "matrix": matrix, "method": "seq", "seed": seed, "wall_time_s": 60.0, **values}
+    (path / "metrics.json").write_text(json.dumps(doc))
+    return path
+
+
+def test_mean_and_sample_sd_by_hand():
+    mean, sd = mean_and_sd([0.5, 0.7])
+    assert mean == pytest.approx(0.6)
+    assert sd == pytest.approx(math.sqrt((0.1**2 + 0.1**2) / 1))
+    assert mean_and_sd([0.4]) == (0.4, None)
+    assert mean_and_sd([0.4, None]) == (None, None)  # never averaged over the rest
+
+
+def test_run_label_strips_the_seed_suffix():
+    assert run_label("runs/ilora_s1") == "ilora"
+    assert run_label("runs/ilora_a09_seed42") == "ilora_a09"
+    assert run_label("runs/seq") == "seq"
+
+
+def test_seen_average_curve_by_hand():
+    matrix = [[0.0, 0.0], [0.8, 0.1], [0.4, 0.6]]
+    assert seen_average_curve(matrix) == pytest.approx([0.8, 0.5])
+    assert seen_average_curve([[0.0, 0.0], [None, 0.1], [0.4, 0.6]]) == [None, pytest.approx(0.5)]
+
+
+def test_groups_by_seed_suffix_and_averages_matrices(tmp_path):
+    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1, last=0.5, bwt=-0.4)
+    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2, last=0.7, bwt=0.0)
+    other = write_run(tmp_path / "x", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
+    summary = compare(parse_run_args([str(one), str(two), f"ref={other}"]))
+    assert list(summary) == ["seq", "ref"]
+    seq = summary["seq"]
+    assert seq["seeds"] == [1, 2]
+    assert seq["last"]["mean"] == pytest.approx(0.6)
+    assert seq["last"]["sd"] == pytest.approx(math.sqrt(0.02))
+    assert seq["bwt"]["mean"] == pytest.approx(-0.2)
+    assert seq["fwt"] == {"mean": None, "sd": None}
+    assert seq["matrix"][2] == pytest.approx([0.5, 0.7])
+    assert seq["seen_average"] == pytest.approx([0.7, 0.6])
+    assert summary["ref"]["last"] == {"mean": 1.0, "sd": None}
+
+
+def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):
+    one = write_run(tmp_path / "m_s1", [[0, 0], [1, 0], [1, 1]], 1)
+    two = write_run(tmp_path / "m_s2", [[0, 0], [1, 0], [1, 1]], 2, tasks=["a", "c"])
+    with pytest.raises(RetainError, match="mixes task sequences"):
+        compare(parse_run_args([str(one), str(two)]))
+
+
+def test_compare_command_writes_its_files(tmp_path, capsys):
+    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1, last=0.5)
+    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2, last=0.7)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(one), str(two), "--out", str(out)]) == 0
+    assert "| seq | seq | 1, 2 | 60.0 ± 14.1 |" in capsys.readouterr().out
+    assert json.loads((out / "comparison.json").read_text())["seq"]["last"]["mean"] == pytest.approx(0.6)
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
