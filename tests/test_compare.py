@@ -69,5 +69,6 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
     assert main(["compare", str(one), str(two), "--out", str(out)]) == 0
     assert "| seq | seq | 1, 2 | 60.0 ± 14.1 |" in capsys.readouterr().out
     assert json.loads((out / "comparison.json").read_text())["seq"]["last"]["mean"] == pytest.approx(0.6)
-    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("comparison.png", "heatmaps.png", "task_curves.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     assert main(["compare", str(tmp_path / "nothing")]) == 2

@@ -160,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         "LABEL=RUN_DIR puts a run in the group LABEL.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or LABEL=RUN_DIR)")
-    p.add_argument("--out", default="comparison", help="folder for comparison.md/.json/.png")
+    p.add_argument(
+        "--out",
+        default="comparison",
+        help="folder for comparison.md/.json/.png, heatmaps.png, task_curves.png",
+    )
     p = sub.add_parser(
         "bench",
         help="performance benchmarks: step-time, eval, scaling, cil (see benchmarks/README.md)",

@@ -123,6 +123,57 @@ def comparison_png(summary: dict[str, Any]) -> bytes:
     return figure_bytes(fig)
 
 
+def _grid(count: int, panel_w: float, panel_h: float, max_cols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(count, max_cols)
+    rows = max(1, math.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, panel_h * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def heatmaps_png(summary: dict[str, Any]) -> bytes:
+    """The mean accuracy matrix of every group, one panel each."""
+    from retain.eval.report import draw_heatmap, figure_bytes
+
+    tasks = next(iter(summary.values()))["tasks"] if summary else []
+    fig, axes = _grid(max(1, len(summary)), 1.6 + 0.9 * len(tasks), 1.4 + 0.55 * (len(tasks) + 1), 3)
+    for ax, (label, entry) in zip(axes, summary.items(), strict=False):
+        draw_heatmap(ax, entry["tasks"], entry["matrix"], f"{label} (n={len(entry['runs'])})")
+    fig.tight_layout()
+    return figure_bytes(fig)
+
+
+def task_curves_png(summary: dict[str, Any]) -> bytes:
+    """Each task's mean accuracy over the sequence, one panel per task, one line per group."""
+    from retain.eval.report import figure_bytes
+
+    tasks = next(iter(summary.values()))["tasks"] if summary else []
+    fig, axes = _grid(max(1, len(tasks)), 3.4, 2.8, 4)
+    steps = list(range(len(tasks) + 1))
+    for i, (ax, task) in enumerate(zip(axes, tasks, strict=False)):
+        for label, entry in summary.items():
+            if entry["tasks"] != tasks:
+                continue
+            ys = [math.nan if row[i] is None else 100 * row[i] for row in entry["matrix"]]
+            ax.plot(steps, ys, marker="o", markersize=3, label=label)
+        ax.axvline(i + 1, color="#999999", linewidth=0.8, linestyle="--", zorder=0)
+        ax.set_xticks(steps, ["base", *[f"T{k}" for k in range(1, len(tasks) + 1)]], fontsize=7)
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{task} (trained at T{i + 1})", fontsize=9)
+        ax.grid(alpha=0.3)
+    if axes:
+        axes[0].set_ylabel("accuracy (%)")
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return figure_bytes(fig)
+
+
 def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """`RUN_DIR` or `LABEL=RUN_DIR` items, grouped by label in order of first appearance."""
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -135,11 +186,16 @@ def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]
 
 
 def write_comparison(out_dir: str | Path, summary: dict[str, Any]) -> str:
-    """Write comparison.json, comparison.md and comparison.png into `out_dir`; return the Markdown."""
+    """Write comparison.json/.md/.png, heatmaps.png and task_curves.png into `out_dir`.
+
+    Returns the Markdown table.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = comparison_markdown(summary)
     atomic_write_json(out / "comparison.json", summary)
     atomic_write_text(out / "comparison.md", "# Comparison\n\n" + text)
     atomic_write_bytes(out / "comparison.png", comparison_png(summary))
+    atomic_write_bytes(out / "heatmaps.png", heatmaps_png(summary))
+    atomic_write_bytes(out / "task_curves.png", task_curves_png(summary))
     return text

@@ -114,15 +114,12 @@ def figure_bytes(fig) -> bytes:
     return data.getvalue()
 
 
-def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
+def draw_heatmap(ax, tasks: list[str], matrix: list[list[float | None]], title: str = ""):
+    """Draw an accuracy matrix (fractions; None shown grey) on `ax` in %; return the image."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     values = np.array([[math.nan if v is None else 100 * v for v in row] for row in matrix], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.55 * len(matrix)))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
@@ -139,6 +136,17 @@ def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str =
         )
     ax.set_xlabel("evaluated task")
     ax.set_title(title or "accuracy (%)")
+    return image
+
+
+def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.55 * len(matrix)))
+    image = draw_heatmap(ax, tasks, matrix, title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return figure_bytes(fig)
 
