@@ -53,6 +53,7 @@ def test_groups_by_seed_suffix_and_averages_matrices(tmp_path):
     assert seq["matrix"][2] == pytest.approx([0.5, 0.7])
     assert seq["seen_average"] == pytest.approx([0.7, 0.6])
     assert summary["ref"]["last"] == {"mean": 1.0, "sd": None}
+    assert [(r["seed"], r["last"], r["bwt"]) for r in seq["per_run"]] == [(1, 0.5, -0.4), (2, 0.7, 0.0)]
 
 
 def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):
@@ -67,7 +68,9 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
     two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2, last=0.7)
     out = tmp_path / "cmp"
     assert main(["compare", str(one), str(two), "--out", str(out)]) == 0
-    assert "| seq | seq | 1, 2 | 60.0 ± 14.1 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| seq | seq | 1, 2 | 60.0 ± 14.1 |" in printed
+    assert f"| {two} | 2 | 70.0 | n/a |" in printed  # one row per run
     assert json.loads((out / "comparison.json").read_text())["seq"]["last"]["mean"] == pytest.approx(0.6)
     for name in ("comparison.png", "heatmaps.png", "task_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name

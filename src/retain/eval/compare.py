@@ -67,6 +67,15 @@ def compare(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, An
             "method": sorted({str(metrics.get("method")) for _, metrics in runs}),
             "tasks": tasks,
         }
+        entry["per_run"] = [
+            {
+                "run": run_dir,
+                "seed": metrics.get("seed"),
+                **{key: metrics.get(key) for key in METRIC_KEYS},
+                "wall_time_s": metrics.get("wall_time_s"),
+            }
+            for run_dir, metrics in runs
+        ]
         for key in METRIC_KEYS:
             mean, sd = mean_and_sd([metrics.get(key) for _, metrics in runs])
             entry[key] = {"mean": mean, "sd": sd}
@@ -96,7 +105,19 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         wall = "n/a" if entry["wall_time_s"] is None else f"{entry['wall_time_s'] / 60:.0f}"
         seeds = ", ".join(str(s) for s in entry["seeds"])
         lines.append(f"| {label} | {', '.join(entry['method'])} | {seeds} | {' | '.join(cells)} | {wall} |")
-    return "\n".join(lines) + "\n\nAccuracy in %, mean ± sample standard deviation over seeds.\n"
+    lines += [
+        "",
+        "Accuracy in %, mean ± sample standard deviation over seeds.",
+        "",
+        "| run | seed | Last | Avg | BWT | FWT | Forgetting | wall (min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in summary.values():
+        for run in entry["per_run"]:
+            cells = [_pct(run[key], None) for key in METRIC_KEYS]
+            wall = "n/a" if run["wall_time_s"] is None else f"{run['wall_time_s'] / 60:.0f}"
+            lines.append(f"| {run['run']} | {run['seed']} | {' | '.join(cells)} | {wall} |")
+    return "\n".join(lines) + "\n"
 
 
 def comparison_png(summary: dict[str, Any]) -> bytes:
