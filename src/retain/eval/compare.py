@@ -92,7 +92,8 @@ def compare(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, An
 def _pct(mean: float | None, sd: float | None) -> str:
     if mean is None:
         return "n/a"
-    return f"{100 * mean:.1f}" if sd is None else f"{100 * mean:.1f} ± {100 * sd:.1f}"
+    value = round(100 * mean, 1) + 0.0  # + 0.0: no "-0.0"
+    return f"{value:.1f}" if sd is None else f"{value:.1f} ± {100 * sd:.1f}"
 
 
 def comparison_markdown(summary: dict[str, Any]) -> str:
