@@ -5,7 +5,14 @@ import pytest
 
 from retain.cli import main
 from retain.errors import RetainError
-from retain.eval.compare import compare, mean_and_sd, parse_run_args, run_label, seen_average_curve
+from retain.eval.compare import (
+    compare,
+    comparison_markdown,
+    mean_and_sd,
+    parse_run_args,
+    run_label,
+    seen_average_curve,
+)
 
 TASKS = ["a", "b"]
 
@@ -75,3 +82,9 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
     for name in ("comparison.png", "heatmaps.png", "task_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     assert main(["compare", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_tiny_negative_mean_prints_as_zero(tmp_path):
+    run = write_run(tmp_path / "m_s1", [[0, 0], [1, 0], [1, 1]], 1, bwt=-1e-17)
+    text = comparison_markdown(compare(parse_run_args([str(run)])))
+    assert "-0.0" not in text and "| m | seq | 1 | n/a | n/a | 0.0 |" in text
