@@ -96,6 +96,10 @@ def _pct(mean: float | None, sd: float | None) -> str:
     return f"{value:.1f}" if sd is None else f"{value:.1f} ± {100 * sd:.1f}"
 
 
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.0f}"
+
+
 def comparison_markdown(summary: dict[str, Any]) -> str:
     lines = [
         "| run | method | seeds | Last | Avg | BWT | FWT | Forgetting | wall (min) |",
@@ -103,7 +107,7 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     ]
     for label, entry in summary.items():
         cells = [_pct(entry[key]["mean"], entry[key]["sd"]) for key in METRIC_KEYS]
-        wall = "n/a" if entry["wall_time_s"] is None else f"{entry['wall_time_s'] / 60:.0f}"
+        wall = _minutes(entry["wall_time_s"])
         seeds = ", ".join(str(s) for s in entry["seeds"])
         lines.append(f"| {label} | {', '.join(entry['method'])} | {seeds} | {' | '.join(cells)} | {wall} |")
     lines += [
@@ -116,7 +120,7 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     for entry in summary.values():
         for run in entry["per_run"]:
             cells = [_pct(run[key], None) for key in METRIC_KEYS]
-            wall = "n/a" if run["wall_time_s"] is None else f"{run['wall_time_s'] / 60:.0f}"
+            wall = _minutes(run["wall_time_s"])
             lines.append(f"| {run['run']} | {run['seed']} | {' | '.join(cells)} | {wall} |")
     return "\n".join(lines) + "\n"
 
