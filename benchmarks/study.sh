@@ -25,7 +25,7 @@ method_args() {  # the config and overrides of one study entry
   case "$1" in
     seq)        echo "$BASE" ;;
     seq_lr1e-3) echo "$BASE learning_rate=1e-3" ;;
-    replay)     echo "$BASE cl_method=replay replay_ratio=1.0 replay_buffer_size=500" ;;
+    replay)     echo "$BASE cl_method=replay replay_mix_ratio=1.0 replay_buffer_size=500" ;;
     ilora)      echo "$BASE cl_method=ilora" ;;
     ilora_a0.9) echo "$BASE cl_method=ilora ema_alpha=0.9" ;;
     peft_lora)  echo "examples/peft_lora_generative.yaml eval_max_samples=50" ;;

@@ -6,8 +6,9 @@ import pytest
 
 import retain.eval.predict as predict
 from retain.api import run
-from retain.cl.base import CLMethod, get_method
-from retain.hparams.parser import parse_config
+from retain.cl.base import CLMethod
+from retain.cl.registry import load_method as get_method
+from retain.cl.registry import parse_config
 from retain.training.sequence import Session
 from tests.pertask_helpers import peft_values
 

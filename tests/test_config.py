@@ -1,7 +1,7 @@
 import pytest
 
+from retain.cl.registry import load_config, parse_config
 from retain.errors import ConfigError
-from retain.hparams.parser import load_config, parse_config
 
 BASE = {"model_name_or_path": "tiny-random-llama", "cl_tasks": "a,b", "dataset_dir": "data"}
 
@@ -115,3 +115,112 @@ def test_resolved_config_holds_every_group():
         "output_dir",
     ):
         assert key in resolved
+
+
+def test_several_unknown_keys_in_one_error_with_the_closest_key():
+    with pytest.raises(ConfigError) as info:
+        parse_config({**BASE, "lora_rnk": 8, "lerning_rate": 1e-4, "zzz_nothing": 1}, source="cfg.yaml")
+    message = str(info.value)
+    assert message.startswith("cfg.yaml: 3 keys are not accepted")
+    assert "'lora_rnk': unknown key (did you mean 'lora_rank'?)" in message
+    assert "'lerning_rate': unknown key (did you mean 'learning_rate'?)" in message
+    assert "'zzz_nothing': unknown key (see `retain keys`" in message and message.count("did you mean") == 2
+    with pytest.raises(ConfigError) as info:  # one key: the usual 'FILE: KEY: message' form
+        parse_config({**BASE, "lora_rnk": 8}, source="cfg.yaml")
+    assert info.value.field == "lora_rnk" and "did you mean 'lora_rank'" in str(info.value)
+
+
+def test_a_config_that_names_no_method_runs_seq_and_says_so():
+    config = parse_config(BASE)
+    assert config.cl.cl_method == "seq"
+    assert any("no method named" in note and "'seq'" in note for note in config.notes)
+    assert not any("no method named" in note for note in parse_config({**BASE, "cl_method": "seq"}).notes)
+
+
+def test_easycl_methods_retain_lacks_are_named():
+    with pytest.raises(ConfigError, match="the ABSCL method is not available in this version") as info:
+        parse_config({**BASE, "use_abscl": True})
+    assert info.value.field == "use_abscl"
+    with pytest.raises(ConfigError, match="a key of EasyCL's Dynamic ConPet method"):
+        parse_config({**BASE, "classification_loss_weight": 0.5})
+    # A switch that is off asks for nothing.
+    assert parse_config({**BASE, "use_abscl": False}).cl.cl_method == "seq"
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "message"),
+    [
+        ({"learning_rate": -1}, "learning_rate", "must be > 0"),
+        ({"learning_rate": 0}, "learning_rate", "must be > 0"),
+        ({"num_train_epochs": 0}, "num_train_epochs", "no task would be trained"),
+        ({"num_train_epochs": -1}, "num_train_epochs", "no task would be trained"),
+        ({"max_steps": 0}, "max_steps", "positive number of optimizer steps"),
+        ({"max_steps": -5}, "max_steps", "positive number of optimizer steps"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size", "at least 1"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps", "at least 1"),
+        ({"stage": "dpo"}, "stage", "only 'sft'"),
+        ({"warmup_ratio": 0.1, "warmup_steps": 5}, "warmup_ratio", "not both"),
+        ({"dataset": "x,y"}, "dataset", "differ"),
+    ],
+)
+def test_values_that_train_nothing_or_contradict(values, field, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config({**BASE, **values}, source="cfg.yaml")
+    assert info.value.field == field
+    # max_steps alone decides when it is set: epochs 0 then train nothing extra and are fine.
+    assert parse_config({**BASE, "num_train_epochs": 0, "max_steps": 3}).training.max_steps == 3
+
+
+def test_llamafactory_keys_are_honoured_or_noted():
+    easycl = {
+        "model_name_or_path": "tiny-random-llama",
+        "stage": "sft",
+        "do_train": True,
+        "dataset": "a,b",
+        "template": "llama3",
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 16,
+        "dataloader_num_workers": 0,
+        "plot_loss": True,
+        "overwrite_output_dir": True,
+        "save_only_model": False,
+        "trust_remote_code": True,
+        "ddp_timeout": 180000000,
+        "warmup_ratio": 0.1,
+        "val_size": 0.1,
+        "eval_strategy": "steps",
+        "resume_from_checkpoint": None,
+        "lr_scheduler_type": "cosine",
+    }
+    config = parse_config(easycl)
+    assert config.data.cl_tasks == ["a", "b"]  # dataset: the task sequence
+    assert config.training.warmup_steps == pytest.approx(0.1)  # a float in [0, 1): a share of the steps
+    assert config.training.ddp_timeout == 180000000 and config.cl.plot_loss is True
+    assert config.data.template == "llama3"
+    notes = "\n".join(config.notes)
+    for noted in (
+        "overwrite_cache",
+        "preprocessing_num_workers",
+        "overwrite_output_dir",
+        "val_size",
+        "eval_strategy",
+    ):
+        assert f"'{noted}'" in notes
+    assert "'trust_remote_code': accepted, but retain never runs code" in notes
+    assert (
+        "save_only_model" not in notes and "resume_from_checkpoint" not in notes
+    )  # false / null ask nothing
+    assert config.training.eval_strategy.value == "no"
+    assert config.training.save_only_model is False
+    assert "'template'" not in notes
+    assert "not a template retain knows" in "\n".join(parse_config({**easycl, "template": "phi"}).notes)
+
+
+def test_half_precision_without_a_gpu_falls_back_and_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for machines without a bf16 GPU")
+    config = parse_config({**BASE, "bf16": True})
+    assert config.training.bf16 is False
+    assert any("'bf16'" in note and "float32" in note for note in config.notes)

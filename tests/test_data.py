@@ -107,8 +107,16 @@ def test_missing_test_split_and_bad_rows(tmp_path):
     with pytest.raises(DataError, match="malformed JSON"):
         load_examples(tmp_path, info, "t")
     info = registry(tmp_path, {"t": {"file_name": "t.json"}}, {"t.json": []})
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="no rows"):
         load_examples(tmp_path, info, "t")
+
+
+def test_json_lines_in_a_json_file(tmp_path):
+    rows = [{"instruction": "i", "input": str(n), "output": "o"} for n in range(3)]
+    (tmp_path / "t.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    info = registry(tmp_path, {"t": {"file_name": "t.json"}}, {})
+    examples = load_examples(tmp_path, info, "t")
+    assert [e.messages[0]["content"] for e in examples] == ["i\n0", "i\n1", "i\n2"]
 
 
 @pytest.mark.skipif(not SHARED_LNT.is_dir(), reason="needs ../shared/benchmarks/LNT")
@@ -118,7 +126,7 @@ def test_whole_lnt_benchmark_loads():
         DataArguments(benchmark="LNT", benchmark_order="order1", benchmark_dir=str(SHARED_LNT))
     )
     assert [t.name for t in tasks] == orders["order1"]
-    assert len(tasks) == 12
+    assert len(tasks) == 14
     by_name = {t.name: t for t in tasks}
     assert len(by_name["agnews"].train) == 4000 and len(by_name["agnews"].test) == 7600
     assert by_name["MNLI"].labels == ["contradiction", "entailment", "neutral"]  # "-" only appears in test

@@ -50,7 +50,15 @@ def test_yaml_errors(case, capsys, tmp_path):
 def test_out_of_range_and_methods(case, capsys):
     case(capsys, ["'lora_rank'", "at least 1"], values={"lora_rank": 0})
     case(capsys, ["'replay_buffer_size'", ">= 0"], values={"cl_method": "replay", "replay_buffer_size": -5})
-    case(capsys, ["'cl_method'", "unknown method 'ewc'"], values={"cl_method": "ewc"})
+    case(capsys, ["'cl_method'", "unknown method 'nope'"], values={"cl_method": "nope"})
+    case(
+        capsys,
+        ["'use_moe'", "the MoE-LoRA method is not available in this version"],
+        values={"use_moe": True},
+    )
+    case(
+        capsys, ["'expert_num'", "EasyCL's MoE-LoRA method, which is not available"], values={"expert_num": 4}
+    )
     case(capsys, ["'cl_method'", "two methods enabled"], values={"cl_method": "seq", "use_replay": True})
 
 
@@ -72,15 +80,28 @@ def test_path_traversal(case, capsys, data_dir):
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ('[{"instruction": "a", ', "malformed JSON"),
+        (
+            '[{"instruction": "a", ',
+            "malformed JSON: Expecting property name enclosed in double quotes at line 1",
+        ),
+        ('[{"instruction": "a', "malformed JSON: Unterminated string starting at line 1, column 18"),
         ('[{"instruction": "a"}]', "row 0: missing column 'output'"),
-        ("[]", "the dataset is empty"),
-        ('{"instruction": "a"}', "expected a list of rows"),
+        ('{"instruction": "a"}', "row 0: missing column 'output'"),  # JSON Lines in a .json file
+        ("[]", "the dataset has no rows"),
+        ("", "the data file is empty"),
+        ("  \n", "the data file is empty"),
+        ('"text"', "expected a list of rows"),
     ],
 )
 def test_bad_data_files(case, capsys, data_dir, content, expected):
     (data_dir / "task1.json").write_text(content)
-    case(capsys, ["task1.json", expected])
+    line = case(capsys, ["task1.json", expected])
+    assert not line.endswith(" at"), line
+
+
+def test_data_file_that_is_not_utf8(case, capsys, data_dir):
+    (data_dir / "task1.json").write_bytes('[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"))
+    case(capsys, ["task1.json", "not a UTF-8 text file (byte 21 is 0xe9)"])
 
 
 def test_bad_jsonl(case, capsys, data_dir):
@@ -88,7 +109,7 @@ def test_bad_jsonl(case, capsys, data_dir):
     info["task0"]["file_name"] = "task0.jsonl"
     (data_dir / "dataset_info.json").write_text(json.dumps(info))
     (data_dir / "task0.jsonl").write_text('{"instruction": "a", "output": "b"}\n{oops\n')
-    case(capsys, ["task0.jsonl", "malformed JSON line 2"])
+    case(capsys, ["task0.jsonl", "malformed JSON: line 2: Expecting property name"])
 
 
 def test_every_answer_truncated(case, capsys):
@@ -116,14 +137,19 @@ def test_unknown_benchmark_order(case, capsys, tmp_path):
 def test_non_finite_loss_stops_and_keeps_earlier_tasks(tiny_config, tmp_path, capsys, monkeypatch):
     import torch
 
-    from retain.cl.seq import Seq
+    from retain.cl.seq.method import Seq
 
-    original = Seq.compute_loss
+    original_loss, original_begin = Seq.compute_loss, Seq.begin_task
+
+    def begin(self, model, task, data):
+        self.poison = task.id == 2
+        original_begin(self, model, task, data)
 
     def poisoned(self, model, inputs, scale):
-        loss = original(self, model, inputs, scale)
-        return loss * float("nan") if self.config.cl.current_task_id == 2 else loss
+        loss = original_loss(self, model, inputs, scale)
+        return loss * float("nan") if self.poison else loss
 
+    monkeypatch.setattr(Seq, "begin_task", begin)
     monkeypatch.setattr(Seq, "compute_loss", poisoned)
     config = tmp_path / "nan.yaml"
     config.write_text(yaml.safe_dump(tiny_config()))
@@ -137,3 +163,93 @@ def test_non_finite_loss_stops_and_keeps_earlier_tasks(tiny_config, tmp_path, ca
     assert list(state["trained"]) == ["1"] and all(v is not None for v in state["matrix"][1])
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert torch.isfinite(torch.tensor(state["matrix"][1])).all()
+
+
+def test_output_dir_that_is_a_file(case, capsys, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    case(capsys, ["'output_dir'", "is an existing file, not a folder"], values={"output_dir": str(target)})
+    assert target.read_text() == "not a folder"
+
+
+def test_output_dir_that_cannot_be_written(case, capsys, tmp_path, monkeypatch):
+    import errno
+
+    import retain.training.sequence as sequence
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    # Root ignores file modes, so the read-only file system is injected where the run probes it.
+    monkeypatch.setattr(sequence.tempfile, "TemporaryFile", read_only)
+    case(capsys, ["'output_dir'", "cannot write to", "Read-only file system"])
+
+
+@pytest.mark.parametrize(
+    ("values", "fragments"),
+    [
+        ({"learning_rate": -1}, ["'learning_rate'", "must be > 0"]),
+        ({"num_train_epochs": 0}, ["'num_train_epochs'", "no task would be trained"]),
+        ({"num_train_epochs": -1}, ["'num_train_epochs'", "no task would be trained"]),
+        ({"max_steps": 0}, ["'max_steps'", "positive number of optimizer steps"]),
+        ({"lora_rnk": 4, "lerning_rate": 1}, ["2 keys are not accepted", "did you mean 'lora_rank'"]),
+    ],
+)
+def test_values_that_would_train_nothing(case, capsys, values, fragments):
+    case(capsys, ["{config}", *fragments], values=values)
+
+
+def test_a_run_that_failed_before_training_restarts_with_a_corrected_config(
+    tiny_config, tmp_path, capsys, monkeypatch
+):
+    from retain.cl.seq.method import Seq
+
+    original = Seq.compute_loss
+
+    def diverges_at_high_lr(self, model, inputs, scale):
+        loss = original(self, model, inputs, scale)
+        return loss * float("inf") if self.config.training.learning_rate >= 1 else loss
+
+    monkeypatch.setattr(Seq, "compute_loss", diverges_at_high_lr)
+    config = tmp_path / "lr.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(cl_tasks="task0,task1", learning_rate=5)))
+    code, lines = run_cli(capsys, config)
+    assert code == 2 and "non-finite loss" in lines[-1]
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["trained"] == {}
+    config.write_text(yaml.safe_dump(tiny_config(cl_tasks="task0,task1", learning_rate=1e-3)))
+    code, lines = run_cli(capsys, config)  # no --force needed: nothing was trained
+    assert code == 0, lines
+    assert any("had trained no task: starting it again" in line for line in lines)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["matrix"]) == 3 and metrics["matrix"][2][1] is not None
+
+
+def test_wall_time_covers_every_invocation(tiny_config, tmp_path, capsys, monkeypatch):
+    import time
+
+    from retain.cl.seq.method import Seq
+
+    original_end = Seq.end_task
+
+    def slow_end(self, model, task, data):  # a measurable amount of work per task
+        time.sleep(1.0)
+        original_end(self, model, task, data)
+
+    def stop_after_task_1(self, model, task, data):
+        slow_end(self, model, task, data)
+        if task.id == 1:
+            raise KeyboardInterrupt
+
+    config = tmp_path / "w.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(cl_tasks="task0,task1")))
+    monkeypatch.setattr(Seq, "end_task", stop_after_task_1)
+    assert run_cli(capsys, config)[0] == 130  # interrupted at the end of task 1, before it was saved
+    first = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert first["trained"] == {}
+    monkeypatch.setattr(Seq, "end_task", slow_end)
+    assert run_cli(capsys, config)[0] == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # The interrupted invocation's time is kept (its second in task 1), and the second invocation's
+    # two seconds (task 1 again, task 2) are added to it.
+    assert first["wall_time_s"] >= 1.0
+    assert metrics["wall_time_s"] >= first["wall_time_s"] + 2.0

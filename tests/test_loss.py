@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from retain.hparams.parser import parse_config
+from retain.cl.loss import LossScale, shifted_targets, token_ce_sum
+from retain.cl.registry import parse_config
 from retain.model.adapters import adapter_parameters
-from retain.training.loss import LossScale, shifted_targets, token_ce_sum
 from retain.training.sequence import Session
 
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from retain.hparams.parser import parse_config
+from retain.cl.registry import parse_config
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
 

@@ -7,21 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retain.cl.pertask import (
-    CosineLinear,
-    LabelSpace,
-    PEFTArguments,
-    TaskRouter,
-    adapter_name,
-    encode_words,
-    entity_f1,
-    entity_spans,
-    map_word_targets,
-    pool,
-    preference_sum,
-    route,
-)
-from retain.cl.pertask.heads import last_real_index
+from retain.cl.loss import LossScale
+from retain.cl.pertask.config import PEFTArguments
+from retain.cl.pertask.heads import CosineLinear, last_real_index, pool
+from retain.cl.pertask.labels import LabelSpace, map_word_targets
+from retain.cl.pertask.method import adapter_name
+from retain.cl.pertask.router import TaskRouter, preference_sum, route
+from retain.cl.pertask.tagging import encode_words, entity_f1, entity_spans
+from retain.cl.registry import parse_config
 from retain.data.builtin import resolve_dataset_dir
 from retain.data.prompt import IGNORE_INDEX
 from retain.data.registry import load_dataset_info, load_examples
@@ -29,9 +22,7 @@ from retain.data.tasks import load_tasks
 from retain.errors import ConfigError, DataError, TrainingError
 from retain.eval.predict import EvalContext
 from retain.hparams.args import DataArguments
-from retain.hparams.parser import parse_config
 from retain.model.tiny import build_tiny_tokenizer
-from retain.training.loss import LossScale
 from retain.training.sequence import Session
 from tests.pertask_helpers import one_torch_thread, peft_values  # noqa: F401
 

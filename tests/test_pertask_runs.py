@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from retain.api import evaluate, run, train
 from retain.cl.pertask.method import HEAD_CONFIG, HEAD_FILE, ROUTER_FILE, STATE_FILE
-from retain.hparams.parser import parse_config
+from retain.cl.registry import parse_config
 from retain.training.sequence import Session
 from tests.conftest import write_task_family
 from tests.pertask_helpers import build_tiny_bert, one_torch_thread, peft_values  # noqa: F401

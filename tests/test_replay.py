@@ -4,7 +4,8 @@ from collections import Counter
 import pytest
 
 from retain.cl.buffer import ReservoirBuffer
-from retain.hparams.parser import parse_config
+from retain.cl.registry import parse_config
+from retain.errors import ConfigError
 from retain.training.sequence import Session
 
 
@@ -49,9 +50,8 @@ def test_sample_is_without_replacement():
     assert len(buffer.sample(10, random.Random(0))) == 5
 
 
-def test_replay_draws_earlier_tasks_rows(tiny_config):
-    session = Session(parse_config(tiny_config(cl_method="replay", replay_ratio=0.5, replay_buffer_size=100)))
-    session.load()
+def record_training_rows(session):
+    """Train every task, recording (own rows, rows the trainer saw) per task id."""
     seen = {}
     original = session.method.training_rows
 
@@ -63,22 +63,81 @@ def test_replay_draws_earlier_tasks_rows(tiny_config):
     session.method.training_rows = record
     for task, data in zip(session.tasks, session.data, strict=True):
         session.train_task(task, data)
+    return seen
+
+
+def as_keys(rows):
+    return [tuple(r["input_ids"]) for r in rows]
+
+
+def test_mixing_draws_from_a_reservoir_of_earlier_rows(tiny_config):
+    session = Session(
+        parse_config(tiny_config(cl_method="replay", replay_mix_ratio=0.5, replay_buffer_size=100))
+    )
+    session.load()
+    seen = record_training_rows(session)
     rows1, mixed1 = seen[1]
     assert mixed1 == rows1  # nothing to replay before the first task
     rows3, mixed3 = seen[3]
     extra = mixed3[len(rows3) :]
     assert len(extra) == round(0.5 * len(rows3))
-    earlier = [tuple(r["input_ids"]) for d in session.data[:2] for r in d.train_rows]
-    assert all(tuple(r["input_ids"]) in earlier for r in extra)
+    task0, task1 = set(as_keys(session.data[0].train_rows)), set(as_keys(session.data[1].train_rows))
+    assert set(as_keys(extra)) <= task0 | task1
     # Both earlier tasks are represented (the memory holds a uniform sample of them).
-    from_task = Counter(
-        0 if tuple(r["input_ids"]) in {tuple(x["input_ids"]) for x in session.data[0].train_rows} else 1
-        for r in extra
+    assert set(as_keys(extra)) & task0 and set(as_keys(extra)) & task1
+
+
+def test_easycl_ratio_replays_a_share_of_every_earlier_task(tiny_config):
+    # 16 train rows per task: int(0.25 * 16) = 4 rows of each earlier task.
+    session = Session(parse_config(tiny_config(cl_method="replay", replay_ratio=0.25)))
+    session.load()
+    seen = record_training_rows(session)
+    rows1, mixed1 = seen[1]
+    assert mixed1 == rows1
+    rows2, mixed2 = seen[2]
+    rows3, mixed3 = seen[3]
+    extra2, extra3 = as_keys(mixed2[len(rows2) :]), as_keys(mixed3[len(rows3) :])
+    task0, task1 = set(as_keys(session.data[0].train_rows)), set(as_keys(session.data[1].train_rows))
+    assert len(task0) == 16 and len(extra2) == 4 and set(extra2) <= task0
+    assert len(extra3) == 8
+    assert len(set(extra3) & task0) == 4 and len(set(extra3) & task1) == 4
+    # Task 0's share is drawn once and replayed unchanged with every later task.
+    assert [k for k in extra3 if k in task0] == extra2
+
+
+def test_easycl_task_list_and_max_samples(tiny_config, tmp_path):
+    values = tiny_config(
+        cl_method="replay", cl_tasks="task1,task2", replay_task_list="task0,task1", maxsamples_list="3,5"
     )
-    assert from_task[0] > 0 and from_task[1] > 0
+    session = Session(parse_config(values))
+    session.load()
+    seen = record_training_rows(session)
+    # task0 is not in this run: replay reads it from dataset_dir.
+    other = Session(parse_config(tiny_config(cl_tasks="task0", output_dir=str(tmp_path / "other"))))
+    other.load()
+    task0_rows = set(as_keys(other.data[0].train_rows))
+    rows1, mixed1 = seen[1]
+    extra1 = as_keys(mixed1[len(rows1) :])
+    assert len(extra1) == 3 and set(extra1) <= task0_rows  # task0 read from dataset_dir, 3 rows
+    rows2, mixed2 = seen[2]
+    extra2 = as_keys(mixed2[len(rows2) :])
+    task1 = set(as_keys(session.data[0].train_rows))
+    assert len(extra2) == 8 and len(set(extra2) & task0_rows) == 3 and len(set(extra2) & task1) == 5
 
 
 def test_replay_config_checks():
     base = {"model_name_or_path": "tiny-random-llama", "cl_tasks": "a", "cl_method": "replay"}
-    with pytest.raises(Exception, match="replay_buffer_size"):
-        parse_config({**base, "replay_buffer_size": -1})
+    assert parse_config(base).method_args.replay_ratio == 0.3  # EasyCL's default
+    cases = {
+        "replay_buffer_size": ({"replay_mix_ratio": 1.0, "replay_buffer_size": -1}, ">= 0"),
+        "replay_ratio": ({"replay_ratio": 0.5, "replay_mix_ratio": 1.0}, "contradicts replay_mix_ratio"),
+        "maxsamples_list": ({"maxsamples_list": "3"}, "needs replay_task_list"),
+    }
+    for field, (values, message) in cases.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            parse_config({**base, **values})
+        assert err.value.field == field
+    with pytest.raises(ConfigError, match="has 1 entries but replay_task_list has 2"):
+        parse_config({**base, "replay_task_list": "a,b", "maxsamples_list": "3"})
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        parse_config({**base, "replay_ratio": 1.5})

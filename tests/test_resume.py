@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from retain.cl.base import get_method
-from retain.hparams.parser import parse_config
+from retain.cl.registry import load_method as get_method
+from retain.cl.registry import parse_config
 from retain.training.sequence import STATE_FILE, Session
 from retain.training.trainer import last_complete_checkpoint
 

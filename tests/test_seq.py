@@ -1,7 +1,7 @@
 import torch
 from safetensors.torch import load_file
 
-from retain.hparams.parser import parse_config
+from retain.cl.registry import parse_config
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
 

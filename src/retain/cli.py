@@ -39,7 +39,7 @@ def _print_result(metrics: dict[str, Any], output_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace, mode: str) -> int:
-    from retain.hparams.parser import load_config
+    from retain.cl.registry import load_config
     from retain.training.sequence import Session
 
     config = load_config(args.config, args.overrides)
@@ -88,23 +88,24 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from retain.cl.base import method_registry
+    from retain.cl.registry import method_specs
 
-    for name, cls in sorted(method_registry().items()):
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:10s} {doc[0] if doc else ''}")
+    for name, spec in sorted(method_specs().items()):
+        print(f"{name:14s} {spec.summary}")
     return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from retain.cl.base import get_method
-    from retain.hparams.parser import GROUPS, field_help
+    from retain.cl.registry import get_spec
+    from retain.hparams.coerce import field_help
+    from retain.hparams.compat import NOT_APPLIED
+    from retain.hparams.parser import GROUPS
 
     groups = list(GROUPS.items())
     if args.method:
-        cls = get_method(args.method)
-        if cls.arguments:
-            groups.append((f"method {args.method}", cls.arguments))
+        spec = get_spec(args.method)
+        if spec.arguments:
+            groups.append((f"method {args.method}", spec.arguments))
     for group, cls in groups:
         print(f"[{group}]")
         for key, default, text in field_help(cls):
@@ -112,6 +113,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(
         "[training] every transformers.TrainingArguments field (learning_rate, num_train_epochs, seed, ...)"
     )
+    print("[LLaMA-Factory / EasyCL keys]")
+    print("  dataset: the task sequence (same as cl_tasks)")
+    print("  warmup_ratio: a share of the steps (written to warmup_steps as a float in [0, 1))")
+    print("  stage: 'sft' only;  do_train: true (false is not used: `retain eval` evaluates)")
+    for key, note in NOT_APPLIED.items():
+        print(f"  {key}: {note}")
     return 0
 
 
@@ -131,9 +138,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The command line. The sub-benchmarks' options are added only for `retain bench` (they import torch)."""
     parser = argparse.ArgumentParser(prog="retain", description="Continual learning for language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the libraries' logs and warnings (hidden by default)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "train every task, evaluate after each, write metrics and the report"),
@@ -144,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
         p.add_argument("--force", action="store_true", help="continue a run even if the config changed")
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        for flag in (
+            "--debug",
+            "--verbose",
+        ):  # also after the subcommand; SUPPRESS keeps a flag given before it
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = sub.add_parser("report", help="rebuild the report from a run's metrics.json")
     p.add_argument("run_dir")
     p = sub.add_parser("models", help="list the offline model aliases, or prepare them")
@@ -170,25 +185,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="performance benchmarks: step-time, eval, scaling, cil (see benchmarks/README.md)",
         description="Performance benchmarks: medians over repeats, compared variants side by side in one run.",
     )
-    from retain.bench import add_subcommands
+    if with_bench:
+        from retain.bench import add_subcommands
 
-    add_subcommands(p)
+        add_subcommands(p)
     return parser
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import transformers
+class _StderrHandler(logging.Handler):
+    """Writes to the current `sys.stderr` (not the one at setup time); retain's own lines read 'retain: ...'."""
 
-    transformers.logging.set_verbosity_warning()
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            own = record.name == "retain" or record.name.startswith("retain.")
+            prefix = "retain" if own else f"{record.levelname} {record.name}"
+            sys.stderr.write(f"{prefix}: {record.getMessage()}\n")
+        except Exception:
+            self.handleError(record)
+
+
+def configure_console(verbose: bool) -> None:
+    """Progress bars, the matrix, the metrics and retain's own notes; libraries' warnings only with --verbose."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, handlers=[_StderrHandler()], force=True)
+    logging.getLogger("retain").setLevel(logging.INFO if verbose else logging.WARNING)
     for name in ("httpx", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        for category in (FutureWarning, UserWarning, DeprecationWarning, RuntimeWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(with_bench=command == "bench").parse_args(argv)
+    configure_console(args.verbose)
     handlers = {
         "run": lambda a: cmd_run(a, "run"),
         "train": lambda a: cmd_run(a, "train"),

@@ -68,3 +68,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """A JSON parse error as one phrase with its position: "Unterminated string starting at line 1, column 9".
+
+    The decoder's own message may end in a dangling "at" (its position is kept apart); the position
+    completes it.
+    """
+    return f"{exc.msg.removesuffix(' at')} at line {exc.lineno}, column {exc.colno}"

@@ -95,7 +95,7 @@ def measuring_session(config: Any, lengths: set[int], measure: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from retain.hparams.parser import parse_config
+    from retain.cl.registry import parse_config
 
     device = setup(args)
     lengths = sorted(set(args.tasks))

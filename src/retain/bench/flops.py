@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from retain.training.loss import shifted_targets
+from retain.cl.loss import shifted_targets
 
 
 @dataclass(frozen=True)

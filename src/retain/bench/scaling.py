@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=16, help="eval batch size (default 16)")
     parser.add_argument("--cutoff-len", type=int, default=128, help="tokens per row at most (default 128)")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
-    parser.add_argument("--replay-ratio", type=float, default=1.0, help="replay's ratio (default 1.0)")
+    parser.add_argument("--replay-mix-ratio", type=float, default=1.0, help="replay's ratio (default 1.0)")
     parser.add_argument(
         "--eval-scope", choices=("all", "seen"), default="all", help="which entries to evaluate"
     )
@@ -109,7 +109,7 @@ def timed_session(config: Any, device: torch.device, memory: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from retain.hparams.parser import parse_config
+    from retain.cl.registry import parse_config
 
     device = setup(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_batch_size": args.eval_batch_size,
         "cutoff_len": args.cutoff_len,
         "lora_rank": args.lora_rank,
-        "replay_ratio": args.replay_ratio,
+        "replay_mix_ratio": args.replay_mix_ratio,
         "eval_scope": args.eval_scope,
         "eval": args.eval,
         "memory": args.memory,

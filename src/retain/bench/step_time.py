@@ -10,7 +10,7 @@ step callbacks (I-LoRA's buffer update and EMA update).
 Equal batch: every method steps on `--batch-size` rows; `seq`, `ilora` and `peft` on the same
 current-task rows. Equal replay: I-LoRA replays `--batch-size` buffer rows with each batch
 (`ilora_replay_batch_size`), and `replay` mixes its memory into the task's rows at
-`--replay-ratio` (1.0: as many replayed rows as current ones, the same replay volume as I-LoRA),
+`--replay-mix-ratio` (1.0: as many replayed rows as current ones, the same replay volume as I-LoRA),
 so its batches hold fewer current rows; the `per current row` column charges it for that.
 `peft` is the generative per-task LoRA with the same rank, alpha and dropout as the others.
 
@@ -47,9 +47,9 @@ from retain.bench.common import (
     task_names,
 )
 from retain.bench.flops import DecoderShape, body_forward_flops, train_step_flops
+from retain.cl.loss import LossScale
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError
-from retain.training.loss import LossScale
 
 NAME = "step-time"
 HELP = "training step time and peak memory of each method, relative to seq"
@@ -67,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=64, help="train rows loaded per task (default 64)")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of every method (default 8)")
     parser.add_argument(
-        "--replay-ratio", type=float, default=1.0, help="replay's replayed rows per current row (default 1.0)"
+        "--replay-mix-ratio",
+        type=float,
+        default=1.0,
+        help="replay's replayed rows per current row (default 1.0)",
     )
     parser.add_argument(
         "--prep-steps", type=int, default=2, help="steps on task 1 that fill buffers (default 2)"
@@ -83,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def method_values(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rank = args.lora_rank
     if name == "replay":
-        return {"cl_method": name, "lora_rank": rank, "replay_ratio": args.replay_ratio}
+        return {"cl_method": name, "lora_rank": rank, "replay_mix_ratio": args.replay_mix_ratio}
     if name == "ilora":
         return {"cl_method": name, "lora_rank": rank, "ilora_replay_batch_size": args.batch_size}
     if name == "peft":
@@ -101,7 +104,7 @@ class MethodStep:
     """One method on its own model copy, stepping through the engine's hooks."""
 
     def __init__(self, name: str, values: dict[str, Any], device: torch.device, seed: int, batch_size: int):
-        from retain.hparams.parser import parse_config
+        from retain.cl.registry import parse_config
         from retain.training.sequence import Session
 
         self.name = name
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": args.data,
         "batch_size": B,
         "replay_batch_size": B,
-        "replay_ratio": args.replay_ratio,
+        "replay_mix_ratio": args.replay_mix_ratio,
         "cutoff_len": args.cutoff_len,
         "lora_rank": args.lora_rank,
         "prep_steps": args.prep_steps,

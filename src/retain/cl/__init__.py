@@ -1,11 +1,11 @@
-"""Continual-learning methods.
+"""Continual-learning methods: the interface (`base`, `registry`, `loss`) and one package per method.
 
-Methods register themselves when their module is imported. `method_registry()` imports the
-built-in modules listed here and any module a package declares under the entry-point group
-`retain.methods`, so importing `retain.cl.base` alone never imports a method (no cycles).
+Each method package's `__init__.py` registers a `MethodSpec` and stays light (no torch); the
+registry imports a method's implementation only when a run uses it. `method_specs()` imports the
+packages listed here and any module named by an entry point of the group `retain.methods`.
 """
 
-BUILTIN_METHOD_MODULES = (
+BUILTIN_METHOD_PACKAGES = (
     "retain.cl.seq",
     "retain.cl.replay",
     "retain.cl.multitask",

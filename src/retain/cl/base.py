@@ -1,7 +1,8 @@
 """The method interface. A continual-learning method is one class behind these hooks.
 
 The task loop (`retain.training.sequence`) and the trainer (`retain.training.trainer`) call only
-these hooks and know no method names. A method registers itself with `@register_method`.
+these hooks and know no method names. A method declares a `MethodSpec` (`retain.cl.registry`) in
+its package's `__init__.py` and points the spec at its `CLMethod` subclass, which names the spec.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from retain.errors import ConfigError
-
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase, TrainerCallback
 
+    from retain.cl.loss import LossScale
+    from retain.cl.registry import MethodSpec
     from retain.data.prompt import PromptBuilder
     from retain.data.tasks import TaskData
     from retain.eval.predict import EvalContext, Score
     from retain.hparams.parser import RunConfig
-    from retain.training.loss import LossScale
-    from retain.training.trainer import CLTrainer
 
 
 @dataclass(frozen=True)
@@ -42,9 +40,8 @@ class Task:
 class CLMethod:
     """Base class: sequential LoRA fine-tuning behaviour with no-op hooks to override."""
 
-    name: ClassVar[str] = ""
-    #: Dataclass of the method's own config keys (None: the method has none).
-    arguments: ClassVar[type | None] = None
+    #: The registry entry of this method (its name, summary and config dataclass).
+    spec: ClassVar[MethodSpec]
     #: Tasks are saved in `output_dir / task_dir_pattern.format(id=..., index=...)`.
     task_dir_pattern: ClassVar[str] = "task_{id}"
 
@@ -53,6 +50,10 @@ class CLMethod:
         self.args = config.method_args
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.tasks: list[Task] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     # ---- layout ---------------------------------------------------------------
     def task_dir(self, task: Task) -> Path:
@@ -89,12 +90,6 @@ class CLMethod:
         """The encoded rows the trainer sees for this task (replay mixes earlier rows in here)."""
         return rows
 
-    def trainer_class(self) -> type[CLTrainer]:
-        """The Trainer class that trains this method's tasks (a `CLTrainer` subclass)."""
-        from retain.training.trainer import CLTrainer
-
-        return CLTrainer
-
     def begin_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
         """Called once per optimizer step, before its first micro-batch, with every micro-batch of the
         step's gradient-accumulation window (for example to draw one replay batch for the whole step)."""
@@ -103,7 +98,7 @@ class CLMethod:
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], scale: LossScale
     ) -> torch.Tensor:
         """The training loss of one micro-batch, normalised through `scale`."""
-        from retain.training.loss import causal_lm_loss
+        from retain.cl.loss import causal_lm_loss
 
         return causal_lm_loss(model, inputs, scale)
 
@@ -173,38 +168,3 @@ class CLMethod:
         if cls.evaluation is CLMethod.evaluation and cls.evaluate is CLMethod.evaluate:
             return "generative"
         return None
-
-
-_REGISTRY: dict[str, type[CLMethod]] = {}
-
-
-def register_method(cls: type[CLMethod]) -> type[CLMethod]:
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} needs a `name`")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name '{cls.name}' is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def method_registry() -> dict[str, type[CLMethod]]:
-    """Every registered method, after importing the built-in and entry-point method modules."""
-    import importlib
-    from importlib.metadata import entry_points
-
-    from retain.cl import BUILTIN_METHOD_MODULES
-
-    for module in BUILTIN_METHOD_MODULES:
-        importlib.import_module(module)
-    for point in entry_points(group="retain.methods"):
-        importlib.import_module(point.value)
-    return dict(_REGISTRY)
-
-
-def get_method(name: str) -> type[CLMethod]:
-    registry = method_registry()
-    if name not in registry:
-        raise ConfigError(
-            f"unknown method '{name}'; available: {', '.join(sorted(registry))}", field="cl_method"
-        )
-    return registry[name]

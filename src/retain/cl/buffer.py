@@ -64,39 +64,77 @@ class ReservoirBuffer:
 
     # ---- persistence (safetensors: no pickle) -----------------------------------------------
     def save(self, path: str | Path) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        keys = sorted(self.rows[0]) if self.rows else []
-        for key in keys:
-            tensors[key] = torch.tensor([v for row in self.rows for v in row[key]], dtype=torch.long)
-            tensors[f"{key}.lengths"] = torch.tensor([len(row[key]) for row in self.rows], dtype=torch.long)
+        tensors, keys = rows_to_tensors(self.rows)
         meta = {
             "capacity": self.capacity,
             "num_seen": self.num_seen,
             "keys": keys,
             "rng": _rng_to_json(self.rng.getstate()),
         }
-        if not tensors:  # safetensors needs at least one tensor
-            tensors["empty"] = torch.zeros(0, dtype=torch.long)
-        atomic_write_bytes(path, save(tensors, metadata={"retain_buffer": json.dumps(meta)}))
+        _write(path, tensors, {"retain_buffer": json.dumps(meta)})
 
     def load(self, path: str | Path) -> None:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads(handle.metadata()["retain_buffer"])
-        tensors = load_file(str(path))
-        rows: list[dict[str, list[int]]] = []
-        for key in meta["keys"]:
-            flat = tensors[key].tolist()
-            lengths = tensors[f"{key}.lengths"].tolist()
-            if not rows:
-                rows = [{} for _ in lengths]
-            start = 0
-            for row, length in zip(rows, lengths, strict=True):
-                row[key] = flat[start : start + length]
-                start += length
+        self.rows = rows_from_tensors(load_file(str(path)), meta["keys"])
         self.capacity = meta["capacity"]
         self.num_seen = meta["num_seen"]
-        self.rows = rows
         self.rng.setstate(_rng_from_json(meta["rng"]))
+
+
+Row = dict[str, list[int]]
+
+
+def rows_to_tensors(rows: list[Row], prefix: str = "") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Variable-length rows as flat tensors plus lengths (`{prefix}{key}`, `{prefix}{key}.lengths`)."""
+    keys = sorted(rows[0]) if rows else []
+    tensors = {}
+    for key in keys:
+        tensors[prefix + key] = torch.tensor([v for row in rows for v in row[key]], dtype=torch.long)
+        tensors[f"{prefix}{key}.lengths"] = torch.tensor([len(row[key]) for row in rows], dtype=torch.long)
+    return tensors, keys
+
+
+def rows_from_tensors(tensors: dict[str, torch.Tensor], keys: list[str], prefix: str = "") -> list[Row]:
+    rows: list[Row] = []
+    for key in keys:
+        flat = tensors[prefix + key].tolist()
+        lengths = tensors[f"{prefix}{key}.lengths"].tolist()
+        if not rows:
+            rows = [{} for _ in lengths]
+        start = 0
+        for row, length in zip(rows, lengths, strict=True):
+            row[key] = flat[start : start + length]
+            start += length
+    return rows
+
+
+def save_row_groups(path: str | Path, groups: dict[str, list[Row]]) -> None:
+    """Named lists of rows (for example one per task) in one safetensors file, written atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    index = []
+    for number, (name, rows) in enumerate(groups.items()):
+        part, keys = rows_to_tensors(rows, prefix=f"{number}.")
+        tensors.update(part)
+        index.append({"name": name, "keys": keys, "rows": len(rows)})
+    _write(path, tensors, {"retain_row_groups": json.dumps(index)})
+
+
+def load_row_groups(path: str | Path) -> dict[str, list[Row]]:
+    with safe_open(str(path), framework="pt") as handle:
+        index = json.loads(handle.metadata()["retain_row_groups"])
+    tensors = load_file(str(path))
+    groups = {}
+    for number, entry in enumerate(index):
+        rows = rows_from_tensors(tensors, entry["keys"], prefix=f"{number}.")
+        groups[entry["name"]] = rows if rows else [{} for _ in range(entry["rows"])]
+    return groups
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    if not tensors:  # safetensors needs at least one tensor
+        tensors = {"empty": torch.zeros(0, dtype=torch.long)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _rng_to_json(state: tuple[Any, ...]) -> list[Any]:

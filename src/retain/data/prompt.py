@@ -5,32 +5,56 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from retain.data.registry import Example
+from retain.data.templates import TEXT_FORMATS, resolve_format
 
 IGNORE_INDEX = -100
 
 
 class PromptBuilder:
-    """Turns examples into token ids: the prompt (ending where the answer starts) and the answer + EOS."""
+    """Turns examples into token ids: the prompt (ending where the answer starts) and the answer + EOS.
+
+    `template` is a LLaMA-Factory template name (`retain.data.templates`). A chat template that rejects
+    a system turn (Gemma's, for one) gets the system text folded into the first user turn.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto"):
         self.tokenizer = tokenizer
-        self.use_chat = template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.format = resolve_format(template, getattr(tokenizer, "chat_template", None))
+        self.use_chat = self.format.chat_template is not None
+        self.fold_system = self.use_chat and not self._accepts_system()
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.format.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def _accepts_system(self) -> bool:
+        try:
+            self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        except TemplateError:
+            return False
+        return True
 
     def prompt_text(self, example: Example) -> str:
         messages = list(example.messages)
         if self.use_chat:
-            if example.system:
+            if example.system and self.fold_system:
+                first = messages[0]
+                messages[0] = {**first, "content": f"{example.system}\n\n{first['content']}"}
+            elif example.system:
                 messages = [{"role": "system", "content": example.system}, *messages]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        parts = [example.system] if example.system else []
+            return self._render(messages)
+        user, assistant, system, separator = TEXT_FORMATS[self.format.text]
+        parts = [system.format(content=example.system)] if example.system else []
         for message in messages:
-            prefix = "### Instruction:\n" if message["role"] == "user" else "### Response:\n"
-            parts.append(prefix + message["content"])
-        parts.append("### Response:\n")
-        return "\n\n".join(parts)
+            turn = user if message["role"] == "user" else assistant
+            parts.append(turn.format(content=message["content"]))
+        parts.append(assistant.format(content=""))
+        return separator.join(parts)
 
     def prompt_ids(self, example: Example) -> list[int]:
         return self.tokenizer(self.prompt_text(example), add_special_tokens=False)["input_ids"]

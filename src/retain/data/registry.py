@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from retain.errors import DataError
+from retain.io import json_error
 
 ALPACA_COLUMNS = {
     "prompt": "instruction",
@@ -38,17 +39,31 @@ class Example:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file that must exist and not be empty."""
     if not path.is_file():
         raise DataError(f"{what} not found", source=str(path))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise DataError(
-            f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)
+            f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x})", source=str(path)
         ) from None
-    except UnicodeDecodeError:
-        raise DataError("not a UTF-8 text file", source=str(path)) from None
+    if not text.strip():
+        raise DataError(f"the {what} is empty", source=str(path))
+    return text
+
+
+def parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {line}: " if line is not None else ""
+        raise DataError(f"malformed JSON: {where}{json_error(exc)}", source=str(path)) from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    return parse_json(read_text(path, what), path)
 
 
 def load_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -109,30 +124,17 @@ def resolve_file(dataset_dir: Path, name: str, spec: dict[str, Any]) -> Path:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """A JSON list of objects, or JSON Lines."""
-    if not path.is_file():
-        raise DataError("data file not found", source=str(path))
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON line {number}: {exc.msg}", source=str(path)) from None
+    """A JSON list of objects, or JSON Lines (one object per line, in a .jsonl or a .json file)."""
+    text = read_text(path, "data file")
+    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
+        numbered = ((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+        records = [parse_json(line, path, line=n) for n, line in numbered]
     else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", source=str(path)
-            ) from None
+        records = parse_json(text, path)
     if not isinstance(records, list):
-        raise DataError("expected a list of rows", source=str(path))
+        raise DataError("expected a list of rows (a JSON list, or JSON Lines)", source=str(path))
     if not records:
-        raise DataError("the dataset is empty", source=str(path))
+        raise DataError("the dataset has no rows", source=str(path))
     for index, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(f"row {index}: expected an object", source=str(path))

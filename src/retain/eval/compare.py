@@ -127,14 +127,9 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
 
 def comparison_png(summary: dict[str, Any]) -> bytes:
     """Mean accuracy over the tasks seen so far, after each task, one line per group."""
-    import matplotlib
+    from retain.eval.report import figure_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from retain.eval.report import figure_bytes
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     for label, entry in summary.items():
         curve = entry["seen_average"]
         xs = [k for k, v in enumerate(curve, start=1) if v is not None]
@@ -150,14 +145,11 @@ def comparison_png(summary: dict[str, Any]) -> bytes:
 
 
 def _grid(count: int, panel_w: float, panel_h: float, max_cols: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from retain.eval.report import pyplot
 
     cols = min(count, max_cols)
     rows = max(1, math.ceil(count / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, panel_h * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(panel_w * cols, panel_h * rows), squeeze=False)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:count])

@@ -34,6 +34,17 @@ def _supports_prefix_cache(model: torch.nn.Module) -> bool:
     return not (config is not None and config.is_prompt_learning)  # virtual tokens come before the prompt
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS plus every end token of the model's generation config (end-of-turn tokens)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = []
+    elif isinstance(configured, int):
+        configured = [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -56,7 +67,7 @@ def generate_answers(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
     was_training = model.training

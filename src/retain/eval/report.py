@@ -18,6 +18,9 @@ MATRIX_CSV = "accuracy_matrix.csv"
 HEATMAP_PNG = "accuracy_matrix.png"
 CURVE_PNG = "accuracy_curve.png"
 REPORT_MD = "report.md"
+LOSS_PNG = "loss_curve.png"
+#: Per-task training logs (the Trainer's log history) live here, as `train_task_<id>.json`.
+LOG_DIR = "logs"
 
 
 def row_labels(tasks: list[str]) -> list[str]:
@@ -139,12 +142,35 @@ def draw_heatmap(ax, tasks: list[str], matrix: list[list[float | None]], title: 
     return image
 
 
-def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_loss_curve(run_dir: str | Path) -> None:
+    """`loss_curve.png`: the training loss of every task logged so far, over the steps of the sequence."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    logs = sorted(
+        Path(run_dir, LOG_DIR).glob("train_task_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1])
+    )
+    for path in logs:
+        points = [(e["step"], e["loss"]) for e in json.loads(path.read_text()) if "loss" in e and "step" in e]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=f"task {path.stem.rsplit('_', 1)[1]}")
+    ax.set_xlabel("optimizer step (over the whole sequence)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8, loc="best")
+    atomic_write_bytes(Path(run_dir) / LOSS_PNG, figure_bytes(fig))
+
+
+def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.55 * len(matrix)))
     image = draw_heatmap(ax, tasks, matrix, title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -152,11 +178,7 @@ def heatmap_png(tasks: list[str], matrix: list[list[float | None]], title: str =
 
 
 def curve_png(tasks: list[str], matrix: list[list[float | None]], title: str = "") -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(tasks), 3.5))
     steps = list(range(len(matrix)))
     for i, name in enumerate(tasks):

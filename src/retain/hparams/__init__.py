@@ -1,3 +1,9 @@
+"""Configuration: the dataclass groups, LLaMA-Factory/EasyCL key handling and the YAML parser.
+
+`retain.load_config` / `retain.parse_config` (in `retain.cl.registry`) add the registered methods'
+keys; this package imports no method code and no torch until a config is built.
+"""
+
 from retain.hparams.args import (
     CLArguments,
     CommonCLArguments,
@@ -6,7 +12,7 @@ from retain.hparams.args import (
     GeneratingArguments,
     ModelArguments,
 )
-from retain.hparams.parser import RunConfig, load_config, parse_config
+from retain.hparams.parser import RunConfig
 
 __all__ = [
     "CLArguments",
@@ -16,6 +22,4 @@ __all__ = [
     "GeneratingArguments",
     "ModelArguments",
     "RunConfig",
-    "load_config",
-    "parse_config",
 ]

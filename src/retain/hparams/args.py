@@ -17,7 +17,11 @@ class ModelArguments:
         },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom model code from the model directory. Off by default."}
+        default=False,
+        metadata={
+            "help": "Accepted for LLaMA-Factory configs, but retain never runs code shipped with a model: "
+            "the model must be one that transformers supports."
+        },
     )
     model_cache_dir: str | None = field(
         default=None,
@@ -29,6 +33,21 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ConfigError("is required", field="model_name_or_path")
+
+
+#: Template names with a meaning of their own (retain.data.templates); any other name is read as 'auto'.
+TEMPLATE_NAMES = (
+    "auto",
+    "plain",
+    "alpaca",
+    "default",
+    "empty",
+    "llama3",
+    "qwen",
+    "chatml",
+    "mistral",
+    "gemma",
+)
 
 
 @dataclass
@@ -48,7 +67,11 @@ class DataArguments:
     )
     template: str = field(
         default="auto",
-        metadata={"help": "Prompt format: 'auto' (the tokenizer's chat template, else plain) or 'plain'."},
+        metadata={
+            "help": "Prompt format by LLaMA-Factory's template names: 'auto' (the tokenizer's chat template, else "
+            "plain), a chat family (llama3, qwen, chatml, mistral, gemma: the tokenizer's own template when it is of "
+            "that family, else retain's), or a text format (plain = alpaca, default, empty). Other names: auto."
+        },
     )
     cutoff_len: int = field(
         default=1024, metadata={"help": "Maximum tokens per training row (prompt + answer)."}
@@ -61,8 +84,6 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.template not in ("auto", "plain"):
-            raise ConfigError("expected 'auto' or 'plain'", field="template")
         if self.cutoff_len < 2:
             raise ConfigError("must be at least 2", field="cutoff_len")
         for name in ("max_samples", "eval_max_samples"):
@@ -150,6 +171,13 @@ class CLArguments:
             "help": "Reuse the base model's row 0 across runs: each entry is cached under $RETAIN_CACHE/eval/, "
             "keyed by the base weights, the test rows, the prompt format and the generation settings, and "
             "only for methods whose base evaluation is the plain one. false: always generate it."
+        },
+    )
+    plot_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Write loss_curve.png (every task's training loss over the steps of the sequence) after each "
+            "task. LLaMA-Factory's key."
         },
     )
     previous_task_model: str | None = field(

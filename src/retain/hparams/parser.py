@@ -1,26 +1,38 @@
-"""YAML + `key=value` overrides -> typed dataclasses. Unknown keys and wrong types are errors."""
+"""YAML + `key=value` overrides -> typed dataclasses. Unknown keys, wrong types and values that would
+train nothing are errors, reported before anything runs.
+
+This module knows the config groups, `transformers.TrainingArguments` and the LLaMA-Factory/EasyCL
+keys (`retain.hparams.compat`), but no method: `build_run_config` gets every registered method's
+config dataclass from the registry (`retain.cl.registry.parse_config` passes them), so parsing a
+config imports no method code. transformers is imported only when a config is built.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
-import types
-import typing
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from transformers import TrainingArguments
 
 from retain.errors import ConfigError
 from retain.hparams.args import (
+    TEMPLATE_NAMES,
     CLArguments,
     DataArguments,
     FinetuningArguments,
     GeneratingArguments,
     ModelArguments,
 )
+from retain.hparams.coerce import coerce_field, fields_of
+from retain.hparams.compat import translate, unavailable_key_owners, unavailable_method
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 GROUPS: dict[str, type] = {
     "model": ModelArguments,
@@ -57,6 +69,8 @@ class RunConfig:
     source: str
     #: The flat key/values as the user gave them (file, then overrides), minus defaults.
     values: dict[str, Any]
+    #: One-line notes for the user: keys accepted but not applied, choices made for them.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def output_dir(self) -> Path:
@@ -69,150 +83,16 @@ class RunConfig:
             if group is not None:
                 out.update(dataclasses.asdict(group))
         for key in sorted(set(self.values) | set(TRAINING_DEFAULTS) | {"output_dir", "seed"}):
-            if key in _training_fields():
+            if key in training_fields():
                 value = getattr(self.training, key)
                 out[key] = value.value if isinstance(value, enum.Enum) else value
         return out
 
 
-def _training_fields() -> dict[str, Any]:
-    return _fields_of(TrainingArguments)
+def training_fields() -> dict[str, Any]:
+    from transformers import TrainingArguments
 
-
-_FIELD_CACHE: dict[type, dict[str, Any]] = {}
-
-
-def _fields_of(cls: type) -> dict[str, Any]:
-    if cls not in _FIELD_CACHE:
-        hints = typing.get_type_hints(cls)
-        _FIELD_CACHE[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-    return _FIELD_CACHE[cls]
-
-
-def field_help(cls: type) -> list[tuple[str, str, str]]:
-    """(key, default, help) for every field of a config dataclass."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        )
-        rows.append((f.name, repr(default), f.metadata.get("help", "")))
-    return rows
-
-
-# ---- type coercion -------------------------------------------------------------------------
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    if origin is typing.Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return " or ".join(repr(m.value) for m in tp)
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp: Any) -> Any:
-    """Convert a YAML value to the field type, or raise _Mismatch."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is object:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        # Exact-type members first, so `int | str` keeps 3 as 3.
-        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
-        for arg in ordered:
-            try:
-                return coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    if origin is typing.Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Mismatch
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise _Mismatch
-    if origin is list or tp is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list | tuple):
-            raise _Mismatch
-        return [coerce(item, item_tp) for item in value]
-    if origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise _Mismatch from None
-    return value
-
-
-def _coerce_field(value: Any, tp: Any, key: str, source: str) -> Any:
-    try:
-        return coerce(value, tp)
-    except _Mismatch:
-        raise ConfigError(f"expected {_describe(tp)}, got {value!r}", source=source, field=key) from None
+    return fields_of(TrainingArguments)
 
 
 # ---- reading --------------------------------------------------------------------------
@@ -255,45 +135,184 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), **extra: Any) -> RunConfig:
-    """Read a YAML config, apply `key=value` overrides and keyword values, and validate."""
-    values = read_yaml(path)
-    values.update(parse_overrides(overrides))
-    values.update(extra)
-    return parse_config(values, source=str(path))
-
-
 # ---- routing ----------------------------------------------------------------------------
 
 
-def _select_method(values: dict[str, Any], source: str) -> str:
-    from retain.cl.base import get_method, method_registry
-
-    registry = method_registry()
+def _select_method(
+    values: dict[str, Any], source: str, methods: Mapping[str, type | None], notes: list[str]
+) -> str:
+    """The chosen method from `cl_method` and the `use_<name>` switches (EasyCL's spelling)."""
+    registered = set(methods)
     chosen: list[str] = []
-    if "cl_method" in values and values["cl_method"] is not None:
+    if values.get("cl_method") is not None:
         if not isinstance(values["cl_method"], str):
             raise ConfigError(
                 f"expected a method name, got {values['cl_method']!r}", source=source, field="cl_method"
             )
         chosen.append(values["cl_method"])
-    for key in list(values):
-        if key.startswith("use_") and key[4:] in registry:
-            flag = _coerce_field(values[key], bool, key, source)
-            if flag and key[4:] not in chosen:
-                chosen.append(key[4:])
-            elif not flag and key[4:] in chosen:
-                raise ConfigError(f"contradicts cl_method: {key[4:]}", source=source, field=key)
+    for key in [k for k in values if k.startswith("use_")]:
+        name = key[4:]
+        if name not in registered and not unavailable_method(name, registered):
+            continue  # not a method switch: reported with the unknown keys
+        flag = coerce_field(values[key], bool, key, source)
+        if flag and name not in chosen:
+            chosen.append(name)
+        elif not flag and name in chosen:
+            raise ConfigError(f"contradicts cl_method: {name}", source=source, field=key)
     if len(chosen) > 1:
         raise ConfigError(
             f"two methods enabled ({' and '.join(chosen)}); choose one", source=source, field="cl_method"
         )
-    name = chosen[0] if chosen else "seq"
-    try:
-        get_method(name)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).split(": ", 1)[1], source=source, field="cl_method") from None
+    if not chosen:
+        notes.append(
+            "no method named (cl_method, or use_<method>: true): running 'seq', plain sequential LoRA"
+        )
+        return "seq"
+    name = chosen[0]
+    available = ", ".join(sorted(registered))
+    missing = unavailable_method(name, registered)
+    if missing:
+        key = f"use_{name}" if f"use_{name}" in values else "cl_method"
+        raise ConfigError(
+            f"the {missing} method is not available in this version (available: {available})",
+            source=source,
+            field=key,
+        )
+    if name not in registered:
+        raise ConfigError(
+            f"unknown method '{name}'; available: {available}", source=source, field="cl_method"
+        )
     return name
+
+
+def _reject_unknown(problems: dict[str, str], known: set[str], source: str) -> None:
+    """One error for every key that is not accepted, each with the closest known key."""
+    if not problems:
+        return
+    parts = []
+    for key, reason in problems.items():
+        if reason == "unknown":
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+            reason = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+        parts.append((key, reason))
+    hint = " (see `retain keys` for the accepted ones)"
+    if len(parts) == 1:
+        key, reason = parts[0]
+        raise ConfigError(reason + hint, source=source, field=key)
+    listed = "; ".join(f"'{key}': {reason}" for key, reason in parts)
+    raise ConfigError(f"{len(parts)} keys are not accepted: {listed}{hint}", source=source)
+
+
+def build_run_config(values: dict[str, Any], source: str, methods: Mapping[str, type | None]) -> RunConfig:
+    """Validate flat config values. `methods` maps each registered method to its config dataclass."""
+    values, notes = translate(values, source)
+    method_name = _select_method(values, source, methods, notes)
+    method_cls = methods[method_name]
+    registered = set(methods)
+
+    owners: dict[str, type] = {key: cls for cls in GROUPS.values() for key in fields_of(cls)}
+    if method_cls is not None:
+        owners.update({key: method_cls for key in fields_of(method_cls)})
+    foreign = {
+        key: other
+        for other, cls in methods.items()
+        if cls is not None and cls is not method_cls
+        for key in fields_of(cls)
+        if key not in owners
+    }
+    training = training_fields()
+    problems: dict[str, str] = {}
+    for key in values:
+        if key in owners or key in training:
+            continue
+        if key.startswith("use_") and (key[4:] in registered or unavailable_method(key[4:], registered)):
+            continue
+        if key in foreign:
+            problems[key] = f"belongs to method '{foreign[key]}', but the method is '{method_name}'"
+        elif owned := unavailable_key_owners(key, registered):
+            problems[key] = (
+                f"a key of EasyCL's {' or '.join(owned)} method, which is not available in this version"
+            )
+        else:
+            problems[key] = "unknown"
+    _reject_unknown(problems, set(owners) | set(training) | set(foreign), source)
+
+    grouped: dict[type, dict[str, Any]] = {cls: {} for cls in {*GROUPS.values(), method_cls} if cls}
+    training_values: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in owners:
+            grouped[owners[key]][key] = coerce_field(value, fields_of(owners[key])[key], key, source)
+        elif key in training:
+            training_values[key] = coerce_field(value, training[key], key, source)
+    grouped[CLArguments]["cl_method"] = method_name
+    # A method's own `use_<name>` field says whether it is selected, so it is true however it was chosen.
+    if method_cls is not None and f"use_{method_name}" in fields_of(method_cls):
+        grouped[method_cls][f"use_{method_name}"] = True
+
+    def build(cls: type) -> Any:
+        try:
+            return cls(**grouped[cls])
+        except ConfigError as exc:
+            if exc.source is None:
+                raise ConfigError(str(exc).split(": ", 1)[-1], source=source, field=exc.field) from None
+            raise
+
+    data = build(DataArguments)
+    if data.template not in TEMPLATE_NAMES:
+        notes.append(
+            f"'template': '{data.template}' is not a template retain knows ({', '.join(TEMPLATE_NAMES)}): "
+            "using the model's own chat template (auto)"
+        )
+    return RunConfig(
+        model=build(ModelArguments),
+        data=data,
+        finetuning=build(FinetuningArguments),
+        generating=build(GeneratingArguments),
+        cl=build(CLArguments),
+        method_args=build(method_cls) if method_cls is not None else None,
+        training=_training_arguments(training_values, source, notes),
+        source=source,
+        values=values,
+        notes=notes,
+    )
+
+
+# ---- training arguments -----------------------------------------------------------------------------
+
+
+def _check_trains_something(kwargs: dict[str, Any], source: str) -> None:
+    """Values that would train nothing, or nonsense, are errors (transformers accepts some of them)."""
+    if kwargs["learning_rate"] <= 0:
+        raise ConfigError(f"must be > 0, got {kwargs['learning_rate']}", source=source, field="learning_rate")
+    max_steps = kwargs.get("max_steps", -1)
+    if max_steps == 0 or max_steps < -1:
+        raise ConfigError(
+            f"must be a positive number of optimizer steps per task, or -1 to train num_train_epochs; got {max_steps}",
+            source=source,
+            field="max_steps",
+        )
+    if max_steps == -1 and kwargs["num_train_epochs"] <= 0:
+        raise ConfigError(
+            f"must be > 0 (or set max_steps > 0), got {kwargs['num_train_epochs']}: no task would be trained",
+            source=source,
+            field="num_train_epochs",
+        )
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
+        if key in kwargs and kwargs[key] < 1:
+            raise ConfigError(f"must be at least 1, got {kwargs[key]}", source=source, field=key)
+
+
+def _half_precision_fallback(kwargs: dict[str, Any], notes: list[str]) -> None:
+    """bf16/fp16 without a GPU that supports them: train in float32 and say so."""
+    import torch
+
+    for key in ("bf16", "fp16"):
+        if not kwargs.get(key):
+            continue
+        supported = torch.cuda.is_available() and (key == "fp16" or torch.cuda.is_bf16_supported())
+        if not supported:
+            kwargs[key] = False
+            notes.append(f"'{key}': this machine has no GPU with {key} support; training in float32 instead")
 
 
 def _multi_process_without_accelerator() -> bool:
@@ -304,91 +323,19 @@ def _multi_process_without_accelerator() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def parse_config(values: dict[str, Any], source: str = "<config>") -> RunConfig:
-    from retain.cl.base import get_method, method_registry
+def _training_arguments(values: dict[str, Any], source: str, notes: list[str]) -> TrainingArguments:
+    from transformers import TrainingArguments
 
-    values = dict(values)
-    method_name = _select_method(values, source)
-    method_cls = get_method(method_name)
-    registry = method_registry()
-
-    # Which keys belong to which group.
-    owners: dict[str, str] = {}
-    for group, cls in GROUPS.items():
-        for key in _fields_of(cls):
-            owners[key] = group
-    foreign: dict[str, str] = {}
-    for other_name, other_cls in registry.items():
-        if other_cls.arguments is not None and other_cls is not method_cls:
-            for key in _fields_of(other_cls.arguments):
-                foreign[key] = other_name
-    if method_cls.arguments is not None:
-        for key in _fields_of(method_cls.arguments):
-            owners[key] = "method"
-    training_fields = _training_fields()
-
-    grouped: dict[str, dict[str, Any]] = {name: {} for name in [*GROUPS, "method", "training"]}
-    for key, value in values.items():
-        if key.startswith("use_") and key[4:] in registry:
-            if key in owners:  # the method's own `use_<name>` field
-                grouped["method"][key] = True
-            continue
-        if key in owners:
-            group = owners[key]
-            cls = GROUPS.get(group) or method_cls.arguments
-            grouped[group][key] = _coerce_field(value, _fields_of(cls)[key], key, source)
-        elif key in training_fields:
-            grouped["training"][key] = _coerce_field(value, training_fields[key], key, source)
-        elif key in foreign:
-            raise ConfigError(
-                f"belongs to method '{foreign[key]}', but the method is '{method_name}'",
-                source=source,
-                field=key,
-            )
-        else:
-            raise ConfigError(
-                "unknown key (see `retain keys` for the accepted ones)", source=source, field=key
-            )
-    grouped["cl"]["cl_method"] = method_name
-    # A method's own `use_<name>` field says whether it is selected, so it is true however it was chosen
-    # (`cl_method: x` and `use_x: true` then resolve to the same config).
-    if owners.get(f"use_{method_name}") == "method":
-        grouped["method"][f"use_{method_name}"] = True
-
-    def build(cls: type, kwargs: dict[str, Any]) -> Any:
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
-            if exc.source is None:
-                raise ConfigError(str(exc).split(": ", 1)[-1], source=source, field=exc.field) from None
-            raise
-
-    model = build(ModelArguments, grouped["model"])
-    data = build(DataArguments, grouped["data"])
-    finetuning = build(FinetuningArguments, grouped["finetuning"])
-    generating = build(GeneratingArguments, grouped["generating"])
-    cl = build(CLArguments, grouped["cl"])
-    method_args = build(method_cls.arguments, grouped["method"]) if method_cls.arguments else None
-
-    training_kwargs = {**TRAINING_DEFAULTS, **grouped["training"]}
-    if "save_steps" in grouped["training"] and "save_strategy" not in grouped["training"]:
-        training_kwargs["save_strategy"] = "steps"
-    training_kwargs.setdefault("output_dir", str(Path("runs") / Path(source).stem))
-    if "use_cpu" not in grouped["training"] and _multi_process_without_accelerator():
-        training_kwargs["use_cpu"] = True  # torchrun on CPUs: DDP over gloo
+    kwargs = {**TRAINING_DEFAULTS, **values}
+    _check_trains_something(kwargs, source)
+    _half_precision_fallback(kwargs, notes)
+    if "save_steps" in values and "save_strategy" not in values:
+        kwargs["save_strategy"] = "steps"
+    kwargs.setdefault("output_dir", str(Path("runs") / Path(source).stem))
+    if "use_cpu" not in values and _multi_process_without_accelerator():
+        kwargs["use_cpu"] = True  # torchrun on CPUs: DDP over gloo
     try:
-        training = TrainingArguments(**training_kwargs)
+        return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"invalid training arguments: {message}", source=source) from None
-    return RunConfig(
-        model=model,
-        data=data,
-        finetuning=finetuning,
-        generating=generating,
-        cl=cl,
-        method_args=method_args,
-        training=training,
-        source=source,
-        values=values,
-    )

@@ -83,14 +83,30 @@ def save_adapter(model: PeftModel, name: str, directory: str | Path) -> None:
 
 
 def load_adapter_weights(model: PeftModel, name: str, directory: str | Path) -> None:
-    """Load weights saved by `save_adapter` into the existing adapter `name` (strictly: every key must match)."""
+    """Load weights saved by `save_adapter` into the existing adapter `name`.
+
+    Strict: the file must hold exactly the adapter's tensors (none missing, none unexpected) with
+    the adapter's shapes.
+    """
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise ModelError("adapter weights not found", source=str(path))
     state = load_file(str(path))
-    result = set_peft_model_state_dict(model, state, adapter_name=name)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
+    expected = get_peft_model_state_dict(model, adapter_name=name)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
         raise ModelError(
-            f"adapter does not match the model ({len(unexpected)} unexpected keys)", source=str(path)
+            f"adapter does not match the model's '{name}' adapter ({len(missing)} missing and "
+            f"{len(unexpected)} unexpected tensors, e.g. {first})",
+            source=str(path),
         )
+    wrong = next((k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)), None)
+    if wrong is not None:
+        raise ModelError(
+            f"tensor {wrong} has shape {tuple(state[wrong].shape)}, the model's adapter "
+            f"{tuple(expected[wrong].shape)}",
+            source=str(path),
+        )
+    set_peft_model_state_dict(model, state, adapter_name=name)

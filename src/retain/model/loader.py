@@ -79,11 +79,11 @@ def load_model(
     source = str(path) if local_only else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=args.trust_remote_code, local_files_only=local_only
+            source, trust_remote_code=False, local_files_only=local_only
         )
         model = auto.from_pretrained(
             source,
-            trust_remote_code=args.trust_remote_code,
+            trust_remote_code=False,
             local_files_only=local_only,
             use_safetensors=True,
             dtype=torch.float32,

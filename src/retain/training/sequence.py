@@ -5,11 +5,15 @@ It knows no method names: everything method-specific goes through the `CLMethod`
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,98 +24,66 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from retain.cl.base import CLMethod, Task, get_method
+from retain.cl.base import CLMethod, Task
+from retain.cl.registry import load_method
 from retain.data.prompt import PromptBuilder
 from retain.data.tasks import TaskData, load_tasks
 from retain.errors import ConfigError, RetainError
 from retain.eval.base_cache import BaseRowEntry, base_model_id
 from retain.eval.predict import EvalContext
-from retain.eval.report import build_metrics, write_results
+from retain.eval.report import LOG_DIR, build_metrics, write_loss_curve, write_results
 from retain.hparams.parser import RunConfig
 from retain.io import atomic_dir, atomic_write_json, atomic_write_text
 from retain.model.loader import load_model
-from retain.training.trainer import last_complete_checkpoint
+from retain.training.state import STATE_FILE, RunState, load_or_create
+from retain.training.trainer import CLTrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
-#: Keys that may differ between an interrupted run and its resumption.
-RESUME_SAFE_KEYS = {
-    "output_dir",
-    "logging_steps",
-    "logging_dir",
-    "report_to",
-    "disable_tqdm",
-    "per_device_eval_batch_size",
-    "dataloader_num_workers",
-    "run_name",
-    "save_steps",
-    "save_strategy",
-    "save_total_limit",
-    "model_cache_dir",
-    "eval_base_cache",
-}
-
-
-@dataclass
-class RunState:
-    """What is done: trained tasks (their saved state) and evaluated matrix entries."""
-
-    config: dict[str, Any]
-    tasks: list[str]
-    trained: dict[int, str] = field(default_factory=dict)  # task id -> task dir (relative to output_dir)
-    matrix: list[list[float | None]] = field(default_factory=list)
-    eval_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    #: Named extra figures of the evaluations (`Score.extra`), one (T+1) x T matrix per name.
-    extra: dict[str, list[list[float | None]]] = field(default_factory=dict)
-    wall_time_s: float = 0.0
-    finished: bool = False
-
-    @classmethod
-    def new(cls, config: dict[str, Any], tasks: list[str]) -> RunState:
-        return cls(config=config, tasks=tasks, matrix=[[None] * len(tasks) for _ in range(len(tasks) + 1)])
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "config": self.config,
-            "tasks": self.tasks,
-            "trained": {str(k): v for k, v in self.trained.items()},
-            "matrix": self.matrix,
-            "eval_counts": self.eval_counts,
-            "extra_matrices": self.extra,
-            "wall_time_s": round(self.wall_time_s, 3),
-            "finished": self.finished,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunState:
-        return cls(
-            config=data["config"],
-            tasks=data["tasks"],
-            trained={int(k): v for k, v in data["trained"].items()},
-            matrix=data["matrix"],
-            eval_counts=data.get("eval_counts", {}),
-            extra=data.get("extra_matrices", {}),
-            wall_time_s=data.get("wall_time_s", 0.0),
-            finished=data.get("finished", False),
-        )
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))
 
 
+def check_output_dir(path: Path) -> None:
+    """An output_dir that exists as a file, or cannot be created or written, is a user error."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is an existing file, not a folder", field="output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}", field="output_dir") from None
+
+
+@contextlib.contextmanager
+def tensorboard_dir(path: Path) -> Iterator[None]:
+    """Point transformers' TensorBoard callback at `path` (unless the user set TENSORBOARD_LOGGING_DIR)."""
+    if "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
 class Session:
     """A prepared run: config checked, data loaded and encoded, model wrapped by the method."""
 
     def __init__(self, config: RunConfig, *, force: bool = False):
+        config = copy.deepcopy(config)  # the run changes its own copy only (output_dir while training)
         self.config = config
         _ = config.training.device  # sets up the process group the way the Trainer will use it
         self.state_ = PartialState()
         self.output_dir = Path(config.training.output_dir)
-        self.method: CLMethod = get_method(config.cl.cl_method)(config)
+        check_output_dir(self.output_dir)
+        self.method: CLMethod = load_method(config.cl.cl_method)(config)
         self.data: list[TaskData] = load_tasks(config.data)
         first_id = config.cl.current_task_id or 1
         self.tasks = [Task(first_id - 1 + j, d.name) for j, d in enumerate(self.data)]
@@ -123,6 +95,7 @@ class Session:
         self.model: torch.nn.Module | None = None
         self.model_at: int | None = None  # id of the task whose state the model holds; 0 = fresh
         self.base_model_id: str | None = None  # fingerprint of the base weights, when row 0 is cached
+        self._clock = time.time()  # wall time up to here is added to the state at the next save
 
     def load(self) -> None:
         """Load the model, encode the data and let the method wrap the model (once)."""
@@ -145,35 +118,15 @@ class Session:
     # ---- state -------------------------------------------------------------------------
     def _load_or_create_state(self, force: bool) -> RunState:
         resolved = _jsonable(self.config.resolved())
-        names = [t.name for t in self.tasks]
-        path = self.run_dir / STATE_FILE
-        if not path.is_file():
-            return RunState.new(resolved, names)
-        try:
-            state = RunState.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RetainError(
-                f"unreadable run state ({exc}); move it away to start over", source=str(path)
-            ) from None
-        changed = sorted(
-            k
-            for k in set(resolved) | set(state.config)
-            if k not in RESUME_SAFE_KEYS and resolved.get(k) != state.config.get(k)
-        )
-        if state.tasks != names:
-            changed.insert(0, "tasks")
-        if changed and not force:
-            raise ConfigError(
-                f"the config differs from the run in this output_dir in: {', '.join(changed)} "
-                "(use another output_dir, or --force to continue anyway)",
-                source=str(path),
-            )
-        state.config = resolved
-        return state
+        return load_or_create(self.run_dir / STATE_FILE, resolved, [t.name for t in self.tasks], force)
 
     def save_state(self) -> None:
+        """Write state.json (main process), with the wall time of this invocation added so far."""
+        now = time.time()
+        self.state.wall_time_s += now - self._clock
+        self._clock = now
         if self.state_.is_main_process:
-            atomic_write_json(self.run_dir / STATE_FILE, self.state.to_json())
+            self.state.save(self.run_dir / STATE_FILE)
 
     def write_config(self) -> None:
         if self.state_.is_main_process:
@@ -206,8 +159,6 @@ class Session:
     def train_task(self, task: Task, data: TaskData) -> None:
         cfg = self.config
         self._restore(self._prev_id(task))
-        cfg.cl.current_task_id = task.id
-        cfg.cl.prev_task_id = task.id - 1 if task.id > 1 else None
         set_seed(cfg.training.seed)
         self.method.begin_task(self.model, task, data)
         rows = self.method.training_rows(task, data.train_rows)
@@ -215,16 +166,17 @@ class Session:
         args = cfg.training
         args.output_dir = str(checkpoint_dir)
         try:
-            trainer_class = self.method.trainer_class()
-            trainer = trainer_class(
-                model=self.model,
-                args=args,
-                train_dataset=Dataset.from_list(rows),
-                data_collator=self.method.collator(self.tokenizer),
-                callbacks=self.method.callbacks(self.model),
-                method=self.method,
-                task=task,
-            )
+            with tensorboard_dir(self.run_dir / TENSORBOARD_DIR):
+                trainer = CLTrainer(
+                    model=self.model,
+                    args=args,
+                    train_dataset=Dataset.from_list(rows),
+                    data_collator=self.method.collator(self.tokenizer),
+                    callbacks=self.method.callbacks(self.model),
+                    method=self.method,
+                    task=task,
+                    step_offset=self.state.steps_before(task.id),
+                )
             resume = last_complete_checkpoint(checkpoint_dir)
             if resume is not None:
                 self.method.load_checkpoint(self.model, resume)
@@ -236,13 +188,17 @@ class Session:
         if self.state_.is_main_process:
             with atomic_dir(directory) as tmp:
                 self.method.save_task(self.model, task, tmp)
-            atomic_write_json(self.run_dir / "logs" / f"train_task_{task.id}.json", trainer.state.log_history)
+            atomic_write_json(
+                self.run_dir / LOG_DIR / f"train_task_{task.id}.json", trainer.state.log_history
+            )
         self.state_.wait_for_everyone()
         self.state.trained[task.id] = str(directory.relative_to(self.output_dir))
+        self.state.steps[task.id] = trainer.state.global_step
         self.save_state()
         if self.state_.is_main_process:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        cfg.cl.previous_task_model = str(directory)
+            if cfg.cl.plot_loss:
+                write_loss_curve(self.run_dir)
         self.model_at = task.id
 
     # ---- evaluation -------------------------------------------------------------------------
@@ -326,15 +282,34 @@ class Session:
         )
 
     def run(self, *, train: bool = True, evaluate: bool = True) -> dict[str, Any] | None:
-        started = time.time()
+        self._clock = time.time()
         self.load()
+        if self.state_.is_main_process:  # after the checks of data and model: a bad input is one error line
+            for note in self.config.notes:
+                logger.warning("note: %s", note)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self.save_state()
-        main = self.state_.is_main_process
+        try:
+            self._run_tasks(train, evaluate)
+        except BaseException:
+            self.save_state()  # keep the time this invocation spent; everything else is saved as it finishes
+            raise
+        if not evaluate:
+            self.save_state()
+            return None
+        self.state.finished = True
+        self.save_state()
+        result = self.metrics(self.state.wall_time_s)
+        if self.state_.is_main_process:
+            write_results(self.run_dir, result)
+        return result
+
+    def _run_tasks(self, train: bool, evaluate: bool) -> None:
         if evaluate and self.config.cl.eval_base and self.tasks[0].id == 1:
             self._restore(0)
             self.evaluate_row(0)
+        main = self.state_.is_main_process
         for task, data in tqdm(list(zip(self.tasks, self.data, strict=True)), desc="tasks", disable=not main):
             if task.id not in self.state.trained:
                 if not train:
@@ -342,16 +317,6 @@ class Session:
                 self.train_task(task, data)
             if evaluate:
                 self.evaluate_row(self.tasks.index(task) + 1)
-        self.state.wall_time_s += time.time() - started
-        if not evaluate:
-            self.save_state()
-            return None
-        self.state.finished = True
-        self.save_state()
-        result = self.metrics(self.state.wall_time_s)
-        if main:
-            write_results(self.run_dir, result)
-        return result
 
     def is_finished(self) -> bool:
         return self.state.finished

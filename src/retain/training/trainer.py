@@ -11,8 +11,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from retain.cl.base import CLMethod, Task
+from retain.cl.loss import LossScale
 from retain.errors import TrainingError
-from retain.training.loss import LossScale
 
 
 def last_complete_checkpoint(directory: Path) -> Path | None:
@@ -41,10 +41,13 @@ class CLTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, method: CLMethod, task: Task, **kwargs: Any):
+    def __init__(self, *args: Any, method: CLMethod, task: Task, step_offset: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.method = method
         self.task = task
+        #: Optimizer steps of the earlier tasks: logged steps (TensorBoard, W&B, the log history) count
+        #: over the whole sequence instead of restarting at 0 with every task's Trainer.
+        self.step_offset = step_offset
         # Count label tokens for every model, so `num_items_in_batch` always reaches the method.
         self.model_accepts_loss_kwargs = True
 
@@ -63,6 +66,13 @@ class CLTrainer(Trainer):
         if batch_samples:
             self.method.begin_step(batch_samples)
         return batch_samples, num_items_in_batch
+
+    def log(self, logs, start_time=None):
+        self.state.global_step += self.step_offset
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.global_step -= self.step_offset
 
     def _save_checkpoint(self, model, trial):
         # The method's state first, on every process, then the Trainer's files: the Trainer writes

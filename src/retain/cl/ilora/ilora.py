@@ -9,9 +9,10 @@ values; the `ILORA` class wires them into the engine's hooks.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from transformers import TrainerCallback
 
-from retain.cl.base import CLMethod, Task, register_method
+from retain.cl.base import CLMethod, Task
 from retain.cl.buffer import ReservoirBuffer
+from retain.cl.ilora import SPEC
+from retain.cl.ilora.config import ILORAArguments
 from retain.cl.ilora.ilora_adapter import (
     PLASTIC,
     STABLE,
@@ -36,122 +39,18 @@ from retain.cl.ilora.ilora_adapter import (
     save_ilora_adapters,
     use_adapter,
 )
+from retain.cl.loss import LossScale, causal_lm_loss, shifted_targets, token_ce_sum
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError, RetainError, TrainingError
 from retain.io import atomic_write_bytes
 from retain.model.adapters import adapter_parameters, set_trainable
-from retain.training.loss import LossScale, causal_lm_loss, shifted_targets, token_ce_sum
+
+logger = logging.getLogger(__name__)
 
 BUFFER_FILE = "ilora_buffer.safetensors"
 #: Mid-task checkpoint files (next to the Trainer's in `checkpoint-N/`).
 CHECKPOINT_STATE = "ilora_state.safetensors"  # the EMA adapter and the EMA step counter (main process)
 CHECKPOINT_BUFFER = "ilora_buffer_rank{rank}.safetensors"  # each process's own replay buffer
-EVAL_ADAPTERS = (STABLE, PLASTIC)
-
-
-# ---- configuration ------------------------------------------------------------------------------------
-
-
-@dataclass
-class ILORAArguments:
-    """Arguments of the I-LoRA method (the seed's names and defaults, plus two documented additions)."""
-
-    use_ilora: bool = field(
-        default=False,
-        metadata={"help": "Whether to use the I-LoRA method (same as `cl_method: ilora`)."},
-    )
-    ema_alpha: float = field(
-        default=0.25,
-        metadata={
-            "help": "EMA coefficient in [0, 1]: the weight on the old EMA value, "
-            "ema <- a*ema + (1-a)*default with a = min(1 - 1/(t+1), ema_alpha)."
-        },
-    )
-    consistency_weight: float = field(
-        default=1.0, metadata={"help": "Weight (>= 0) of the hidden-state consistency loss."}
-    )
-    save_ema_adapter: bool = field(
-        default=True,
-        metadata={
-            "help": "Save the EMA adapter in each task directory (`ema/`). Needed to continue or evaluate "
-            "from disk."
-        },
-    )
-    ema_adapter_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Read the previous task's EMA adapter from this directory instead of "
-            "`previous_task_model/ema` (requires previous_task_model)."
-        },
-    )
-    selective_update: bool = field(
-        default=True,
-        metadata={
-            "help": "Selective consistency target: keep the plastic hidden state where it exceeds the stable "
-            "one (reg = where(selected, plastic, stable)); false: reg = stable everywhere."
-        },
-    )
-    min_update_threshold: float = field(
-        default=0.1,
-        metadata={
-            "help": "Relative margin (>= 0) for the selective target: an element counts as selected when "
-            "plastic > stable + threshold * |stable|. 0 gives the seed's plastic > stable."
-        },
-    )
-    hidden_state_layers: list[int] | str = field(
-        default_factory=lambda: [-1, -2, -3],
-        metadata={
-            "help": "Hidden states compared by the consistency loss, as indices into the model's "
-            "hidden_states (0: embeddings, -1: the final normed output), or 'all' (every decoder layer)."
-        },
-    )
-    ilora_buffer_size: int = field(
-        default=500,
-        metadata={"help": "Capacity (>= 0) of the reservoir replay buffer of training samples."},
-    )
-    ilora_eval_adapter: str = field(
-        default=STABLE,
-        metadata={"help": "Adapter that answers at evaluation: 'ema' (the stable one) or 'default'."},
-    )
-    ilora_replay_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Buffer rows replayed with each micro-batch. None: per_device_train_batch_size."},
-    )
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ema_alpha <= 1.0:
-            raise ConfigError("must be in [0, 1]", field="ema_alpha")
-        if self.consistency_weight < 0:
-            raise ConfigError("must be >= 0", field="consistency_weight")
-        if self.min_update_threshold < 0:
-            raise ConfigError("must be >= 0", field="min_update_threshold")
-        if self.ilora_buffer_size < 0:
-            raise ConfigError("must be >= 0", field="ilora_buffer_size")
-        if self.ilora_replay_batch_size is not None and self.ilora_replay_batch_size < 1:
-            raise ConfigError("must be a positive integer or null", field="ilora_replay_batch_size")
-        if self.ilora_eval_adapter not in EVAL_ADAPTERS:
-            raise ConfigError("expected 'ema' or 'default'", field="ilora_eval_adapter")
-        self.hidden_state_layers = _parse_layers(self.hidden_state_layers)
-
-
-def _parse_layers(value: list[int] | str) -> list[int] | str:
-    if isinstance(value, str):
-        text = value.strip()
-        if text == "all":
-            return "all"
-        try:
-            value = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"expected 'all' or a list of layer indices, got {text!r}", field="hidden_state_layers"
-            ) from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list | tuple) or not value:
-        raise ConfigError("expected 'all' or a non-empty list of layer indices", field="hidden_state_layers")
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in value):
-        raise ConfigError("layer indices must be integers", field="hidden_state_layers")
-    return list(value)
 
 
 # ---- pure math -----------------------------------------------------------------------------------------
@@ -308,24 +207,23 @@ class ILORACallback(TrainerCallback):
         self.method.end_step()
 
 
-@register_method
 class ILORA(CLMethod):
     """I-LoRA: `default` learns, `ema` follows it by EMA and answers at evaluation."""
 
-    name = "ilora"
-    arguments = ILORAArguments
+    spec = SPEC
     task_dir_pattern = "ilora_task{id}"
 
     def __init__(self, config):
         super().__init__(config)
         args: ILORAArguments = self.args
-        if args.ema_adapter_path and not config.cl.previous_task_model:
-            raise ConfigError(
-                "needs previous_task_model (it overrides where that task's EMA adapter is read from)",
-                field="ema_adapter_path",
+        state = PartialState()
+        if args.ema_adapter_path and not config.cl.previous_task_model and state.is_main_process:
+            # EasyCL's example configs carry it for the first task too; it only replaces previous_task_model/ema.
+            logger.warning(
+                "note: 'ema_adapter_path' is not used: there is no previous_task_model to continue from"
             )
         # Each process keeps its own buffer (it sees its own shard of the data).
-        rank = PartialState().process_index
+        rank = state.process_index
         self.buffer = Buffer(args.ilora_buffer_size, seed=config.training.seed + rank)
         self.replay_batch_size = args.ilora_replay_batch_size or config.training.per_device_train_batch_size
         self.model: Any = None
@@ -357,11 +255,6 @@ class ILORA(CLMethod):
             self.args.hidden_state_layers, base.config.get_text_config().num_hidden_layers
         )
 
-    def trainer_class(self):
-        from retain.cl.ilora.ilora_trainer import ILORATrainer
-
-        return ILORATrainer
-
     def callbacks(self, model):
         return [ILORACallback(self)]
 
@@ -389,7 +282,7 @@ class ILORA(CLMethod):
         `task` None is the hand-over from `previous_task_model`, where `ema_adapter_path` (if set)
         replaces `directory/ema`. The switch `default <- ema` happens in `begin_task`.
         """
-        ema_path = self.args.ema_adapter_path if task is None else None
+        ema_path = self.args.ema_adapter_path if task is None and self.config.cl.previous_task_model else None
         load_ilora_adapters(model, directory, ema_path)
         path = Path(directory) / BUFFER_FILE
         if not path.is_file():

@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from retain.cl.ilora.config import PLASTIC, STABLE
 from retain.errors import ModelError
 from retain.hparams.args import FinetuningArguments
 from retain.model.adapters import (
@@ -31,8 +32,6 @@ from retain.model.adapters import (
     set_trainable,
 )
 
-PLASTIC = "default"
-STABLE = "ema"
 ADAPTERS = (PLASTIC, STABLE)
 
 

@@ -1,7 +1,8 @@
 """`run_sft_ilora`: the generic task run (`retain.training.sequence.Session`) with I-LoRA as the method.
 
-The session builds the trainer the method asks for (`ILORATrainer`), hands the state over between
-tasks and evaluates with the EMA adapter; nothing of the workflow is repeated here.
+The session trains every task with the engine's trainer and the method's hooks (the EMA update is
+I-LoRA's callback), hands the state over between tasks and evaluates with the EMA adapter; nothing
+of the workflow is repeated here. This module belongs to the API layer.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retain.api import _config
+from retain.api import resolve_config
 from retain.errors import ConfigError
 from retain.hparams.parser import RunConfig
 
@@ -30,7 +31,7 @@ def run_sft_ilora(
 
     if not isinstance(config, RunConfig):
         overrides = {"use_ilora": True, **overrides}
-    run_config = _config(config, overrides)
+    run_config = resolve_config(config, overrides)
     if run_config.cl.cl_method != "ilora":
         raise ConfigError(
             f"run_sft_ilora runs I-LoRA, but the config selects '{run_config.cl.cl_method}'",

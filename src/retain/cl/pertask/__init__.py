@@ -1,29 +1,17 @@
 """The `peft` method (seed 004): one adapter per task, classifier heads, word-level tasks, NewLoRA.
 
-Not named `peft`: that is the library's name. Importing this package registers `cl_method: peft`.
+Not named `peft`: that is the library's name. Importing this package registers `cl_method: peft`
+and loads nothing heavy; the method itself is `retain.cl.pertask.method.PerTaskPEFT`.
 """
 
 from retain.cl.pertask.config import PEFTArguments
-from retain.cl.pertask.heads import CosineLinear, make_head, pool
-from retain.cl.pertask.labels import LabelSpace, map_word_targets
-from retain.cl.pertask.method import PerTaskModel, PerTaskPEFT, adapter_name
-from retain.cl.pertask.router import TaskRouter, preference_sum, route
-from retain.cl.pertask.tagging import encode_words, entity_f1, entity_spans
+from retain.cl.registry import MethodSpec, register_method
 
-__all__ = [
-    "CosineLinear",
-    "LabelSpace",
-    "PEFTArguments",
-    "PerTaskModel",
-    "PerTaskPEFT",
-    "TaskRouter",
-    "adapter_name",
-    "encode_words",
-    "entity_f1",
-    "entity_spans",
-    "make_head",
-    "map_word_targets",
-    "pool",
-    "preference_sum",
-    "route",
-]
+SPEC = register_method(
+    MethodSpec(
+        name="peft",
+        summary="one adapter per task on a frozen backbone (seed 004), with optional classifier heads",
+        implementation="retain.cl.pertask.method:PerTaskPEFT",
+        arguments=PEFTArguments,
+    )
+)

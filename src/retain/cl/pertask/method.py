@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
-from retain.cl.base import CLMethod, Task, register_method
+from retain.cl.base import CLMethod, Task
+from retain.cl.loss import causal_lm_loss, shifted_targets, token_ce_sum
+from retain.cl.pertask import SPEC
 from retain.cl.pertask.config import PEFTArguments
 from retain.cl.pertask.heads import drop_virtual, make_head, pool
 from retain.cl.pertask.labels import LabelSpace, map_word_targets
@@ -36,7 +38,6 @@ from retain.errors import ConfigError, DataError, ModelError, TrainingError
 from retain.eval.predict import Score, generative_score
 from retain.io import atomic_write_json
 from retain.model.adapters import ADAPTER_WEIGHTS, adapter_parameters, load_adapter_weights, lora_config
-from retain.training.loss import causal_lm_loss, shifted_targets, token_ce_sum
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,8 @@ class _TestRows:
     targets: list[Any]
 
 
-@register_method
 class PerTaskPEFT(CLMethod):
-    name = "peft"
-    arguments = PEFTArguments
+    spec = SPEC
     task_dir_pattern = "lora_task_{index}"
 
     def __init__(self, config):

@@ -1,4 +1,4 @@
-"""`multitask`: the joint-training reference ("upper bound"), not a continual method.
+"""The `multitask` reference: joint training on the tasks seen so far, not a continual method.
 
 Task t trains the LoRA adapter from its initial weights (the same for every task) on the rows of
 this run's tasks 1..t together; the Trainer shuffles them. Row t of the matrix is therefore a model
@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from retain.cl.base import Task, register_method
-from retain.cl.seq import Seq
+from retain.cl.base import Task
+from retain.cl.multitask import SPEC
+from retain.cl.seq.method import Seq
 from retain.model.adapters import adapter_parameters
 
 
-@register_method
 class MultiTask(Seq):
-    name = "multitask"
+    spec = SPEC
 
     def __init__(self, config):
         super().__init__(config)

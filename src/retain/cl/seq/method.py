@@ -1,4 +1,4 @@
-"""`seq`: sequential fine-tuning of one LoRA adapter carried from task to task (the baseline)."""
+"""The `seq` method: one LoRA adapter, trained on each task in turn."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from retain.cl.base import CLMethod, Task, register_method
+from retain.cl.base import CLMethod, Task
+from retain.cl.seq import SPEC
 from retain.model.adapters import add_lora, load_adapter_weights, lora_config, save_adapter
 
 
-@register_method
 class Seq(CLMethod):
-    name = "seq"
+    spec = SPEC
     adapter_name = "default"
 
     def prepare_model(self, model, tokenizer):
