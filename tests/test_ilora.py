@@ -22,13 +22,12 @@ from retain.cl.ilora.ilora import (
     resolve_hidden_layers,
     selective_mask,
 )
-from retain.cl.ilora.ilora_adapter import use_adapter
 from retain.cl.loss import LossScale, causal_lm_loss
 from retain.cl.registry import parse_config
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError, ModelError
 from retain.hparams.args import CommonCLArguments
-from retain.model.adapters import adapter_parameters
+from retain.model.adapters import adapter_parameters, use_adapter
 from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
 from retain.training.sequence import Session
 

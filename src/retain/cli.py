@@ -209,7 +209,9 @@ def configure_console(verbose: bool) -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, handlers=[_StderrHandler()], force=True)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR, handlers=[_StderrHandler()], force=True
+    )
     logging.getLogger("retain").setLevel(logging.INFO if verbose else logging.WARNING)
     for name in ("httpx", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -30,20 +30,23 @@ from retain.cl.ilora.config import ILORAArguments
 from retain.cl.ilora.ilora_adapter import (
     PLASTIC,
     STABLE,
-    _tuner_layers,
-    activate_adapter,
     hand_over,
     init_ilora_adapter,
     load_ilora_adapters,
-    paired_parameters,
     save_ilora_adapters,
-    use_adapter,
 )
 from retain.cl.loss import LossScale, causal_lm_loss, shifted_targets, token_ce_sum
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError, RetainError, TrainingError
 from retain.io import atomic_write_bytes
-from retain.model.adapters import adapter_parameters, set_trainable
+from retain.model.adapters import (
+    activate_adapter,
+    adapter_parameters,
+    paired_parameters,
+    set_trainable,
+    tuner_layers,
+    use_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +247,7 @@ class ILORA(CLMethod):
     def bind(self, peft_model) -> None:
         """Select, once, everything the step needs: adapter tensors, tuner layers, the body, the layers."""
         self.model = peft_model
-        self._layers = _tuner_layers(peft_model)
+        self._layers = tuner_layers(peft_model)
         self._default_tensors, self._ema_tensors = paired_parameters(peft_model, PLASTIC, STABLE)
         base = peft_model.get_base_model()
         self._body = base.base_model  # the transformer body without the LM head (e.g. LlamaModel)

@@ -11,21 +11,19 @@ activates, which would put `ema` into the autograd graph in the middle of a trai
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from retain.cl.ilora.config import PLASTIC, STABLE
 from retain.errors import ModelError
 from retain.hparams.args import FinetuningArguments
 from retain.model.adapters import (
     ADAPTER_WEIGHTS,
-    adapter_parameters,
+    activate_adapter,
     add_lora,
+    copy_adapter_weights,
     load_adapter_weights,
     lora_config,
     save_adapter,
@@ -50,78 +48,6 @@ def _setup_ilora_tuning(model: torch.nn.Module, config: LoraConfig) -> PeftModel
     set_trainable(peft_model, {PLASTIC})
     activate_adapter(peft_model, PLASTIC)
     return peft_model
-
-
-def paired_parameters(
-    model: torch.nn.Module, source: str, target: str
-) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """The tensors of two adapters, paired by module and weight name (same order in both lists)."""
-    src = adapter_parameters(model, source)
-    dst = adapter_parameters(model, target)
-    if src.keys() != dst.keys():
-        raise ModelError(f"adapters {source!r} and {target!r} do not cover the same modules")
-    keys = sorted(src)
-    for key in keys:
-        if src[key].shape != dst[key].shape:
-            raise ModelError(f"adapters {source!r} and {target!r} differ in shape at {key}")
-    return [src[k] for k in keys], [dst[k] for k in keys]
-
-
-@torch.no_grad()
-def copy_adapter_weights(model: torch.nn.Module, source: str, target: str) -> None:
-    """`target <- source`, tensor by tensor (requires_grad flags are left as they are)."""
-    src, dst = paired_parameters(model, source, target)
-    torch._foreach_copy_(dst, src)
-
-
-# ---- which adapter answers ------------------------------------------------------------------------
-
-
-def _tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def activate_adapter(
-    model: PeftModel, name: str, layers: list[BaseTunerLayer] | None = None
-) -> tuple[object, object, list[object]]:
-    """Make adapter `name` the active one without touching any `requires_grad` flag.
-
-    Returns the previous markers, for `restore_active_adapter`. `layers` (the model's tuner layers)
-    can be passed to skip the module walk.
-    """
-    if name not in model.peft_config:
-        raise ModelError(f"no adapter named '{name}' in the model")
-    layers = _tuner_layers(model) if layers is None else layers
-    previous = (model.active_adapter, model.base_model.active_adapter, [m._active_adapter for m in layers])
-    model.active_adapter = name  # PeftModel's marker (peft config lookups)
-    model.base_model.active_adapter = name  # the tuner's marker
-    for module in layers:
-        module._active_adapter = [name]  # what the LoRA layers' forward reads
-    return previous
-
-
-def restore_active_adapter(
-    model: PeftModel,
-    previous: tuple[object, object, list[object]],
-    layers: list[BaseTunerLayer] | None = None,
-) -> None:
-    layers = _tuner_layers(model) if layers is None else layers
-    peft_marker, tuner_marker, layer_markers = previous
-    model.active_adapter = peft_marker
-    model.base_model.active_adapter = tuner_marker
-    for module, marker in zip(layers, layer_markers, strict=True):
-        module._active_adapter = marker
-
-
-@contextlib.contextmanager
-def use_adapter(model: PeftModel, name: str, layers: list[BaseTunerLayer] | None = None) -> Iterator[None]:
-    """Run the block with adapter `name` active; restore the previous adapter after. No grad flag changes."""
-    layers = _tuner_layers(model) if layers is None else layers
-    previous = activate_adapter(model, name, layers)
-    try:
-        yield
-    finally:
-        restore_active_adapter(model, previous, layers)
 
 
 # ---- saving and loading ----------------------------------------------------------------------------
