@@ -139,3 +139,50 @@ def test_whole_lnt_benchmark_loads():
         )
     with pytest.raises(DataError, match="no order 'nope'"):
         load_tasks(DataArguments(benchmark="LNT", benchmark_order="nope", benchmark_dir=str(SHARED_LNT)))
+
+
+def test_llamafactory_template_names():
+    from retain.data.registry import Example
+    from retain.data.templates import CHAT_FAMILIES, TEXT_FORMATS, resolve_format
+    from retain.hparams.args import TEMPLATE_NAMES
+
+    assert set(TEMPLATE_NAMES) == {"auto", *TEXT_FORMATS, *CHAT_FAMILIES}
+    tokenizer = build_tiny_tokenizer()  # its own chat template is ChatML
+    own = tokenizer.chat_template
+    assert resolve_format("chatml", own).own and resolve_format("qwen", own).own
+    assert resolve_format("auto", own).own and resolve_format("phi", own).own  # unknown names: auto
+    assert not resolve_format("llama3", own).own and resolve_format("alpaca", own).text == "alpaca"
+    assert resolve_format("llama3", None).chat_template == CHAT_FAMILIES["llama3"][1]
+    assert resolve_format("auto", None).text == "plain"
+
+    example = Example(messages=[{"role": "user", "content": "Q"}], answer="A", system="S")
+    expected = {
+        "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "chatml": "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+        "mistral": "<s>[INST] S\n\nQ [/INST]",
+        "alpaca": "S\n\n### Instruction:\nQ\n\n### Response:\n",
+        "default": "System: S\nHuman: Q\nAssistant: ",
+        "empty": "SQ",
+    }
+    for name, text in expected.items():
+        assert PromptBuilder(tokenizer, name).prompt_text(example) == text, name
+    qwen = PromptBuilder(tokenizer, "qwen")  # the tokenizer's own (ChatML) template, so no default system
+    assert qwen.prompt_text(Example(messages=[{"role": "user", "content": "Q"}], answer="A")).startswith(
+        "<|im_start|>user"
+    )
+
+
+def test_a_template_without_a_system_role_gets_it_folded_into_the_first_user_turn():
+    from retain.data.registry import Example
+
+    tokenizer = build_tiny_tokenizer()
+    builder = PromptBuilder(
+        tokenizer, "gemma"
+    )  # retain's Gemma template raises on a system turn, as Gemma's does
+    assert builder.fold_system
+    example = Example(messages=[{"role": "user", "content": "Q"}], answer="A", system="S")
+    assert builder.prompt_text(example) == (
+        "<bos><start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert not PromptBuilder(tokenizer).fold_system

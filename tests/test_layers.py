@@ -29,7 +29,14 @@ LAYERS = [
     (
         6,
         "CLI and API",
-        ["retain=", "retain.__main__", "retain.cli", "retain.api", "retain.cl.ilora.ilora_workflow"],
+        [
+            "retain=",
+            "retain.__main__",
+            "retain.cli",
+            "retain.api",
+            "retain.workflow",
+            "retain.cl.ilora.ilora_workflow",
+        ],
     ),
 ]
 

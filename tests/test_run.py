@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import torch
 import yaml
 
 import retain
@@ -19,7 +20,6 @@ def test_three_task_run_writes_every_output(tiny_config, tmp_path):
         assert key in saved
     matrix = saved["matrix"]
     assert len(matrix) == 4 and all(len(row) == 3 for row in matrix)
-    assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
     for key in ("last", "avg", "bwt", "fwt", "forgetting"):
         assert isinstance(saved[key], float)
     rows = list(csv.reader((out / "accuracy_matrix.csv").open()))
@@ -63,3 +63,43 @@ def test_eval_scope_seen_skips_unseen_tasks(tiny_config):
     assert matrix[1][1] is not None  # the next task is evaluated, for FWT
     assert all(v is not None for v in matrix[0] + matrix[3])
     assert metrics["fwt"] is not None and metrics["bwt"] is not None
+
+
+def test_logged_steps_increase_over_the_whole_sequence(tiny_config, tmp_path):
+    """report_to: tensorboard writes one run's events whose steps continue from task to task."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    retain.run(tiny_config(report_to="tensorboard", logging_steps=1, max_samples=8))
+    out = tmp_path / "run"
+    per_task = [json.loads((out / "logs" / f"train_task_{k}.json").read_text()) for k in (1, 2, 3)]
+    steps = [[e["step"] for e in history if "loss" in e] for history in per_task]
+    assert steps[0] == [1, 2] and steps[1] == [3, 4] and steps[2] == [5, 6]  # 8 rows / batch 4, per task
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = sorted(event.step for event in events.Scalars("train/loss"))
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_config):
+    from retain.cl.registry import parse_config
+    from retain.eval.predict import generate_answers, stop_token_ids
+    from retain.training.sequence import Session
+
+    session = Session(parse_config(tiny_config(cl_tasks="task0")))
+    session.load()
+    model, tokenizer = session.model, session.tokenizer
+    prompt = torch.tensor([session.builder.prompt_ids(session.data[0].test[0])])
+    free = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, prompt.size(1) :].tolist()
+    assert len(free) == 6 and tokenizer.eos_token_id not in free, "the probe needs 6 tokens without EOS"
+    first = free[0]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, first]  # an end-of-turn token
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, first]
+    answers = generate_answers(model, tokenizer, [prompt[0].tolist()], 1, 6)
+    assert answers == [tokenizer.decode([first], skip_special_tokens=True)]

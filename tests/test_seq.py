@@ -1,3 +1,4 @@
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -70,3 +71,31 @@ def test_previous_task_model_starts_a_new_process_from_a_saved_task(tiny_config,
         assert torch.equal(v, trained[k])
     assert second.tasks[0].id == 2
     assert second.method.task_dir(second.tasks[0]).name == "task_2"
+
+
+def test_adapter_weights_must_match_the_adapter_exactly(tmp_path):
+    import dataclasses
+
+    from retain.errors import ModelError
+    from retain.hparams.args import FinetuningArguments
+    from retain.model.adapters import add_lora, load_adapter_weights, lora_config, save_adapter
+    from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    args = FinetuningArguments(lora_rank=4, lora_target="q_proj,v_proj")
+    small = add_lora(build_tiny_llama(tokenizer), "default", lora_config(args))
+    full = add_lora(
+        build_tiny_llama(tokenizer), "default", lora_config(dataclasses.replace(args, lora_target="all"))
+    )
+    save_adapter(small, "default", tmp_path / "small")
+    save_adapter(full, "default", tmp_path / "full")
+    with pytest.raises(ModelError, match=r"\d+ missing and 0 unexpected"):
+        load_adapter_weights(full, "default", tmp_path / "small")  # fewer modules than the model's adapter
+    with pytest.raises(ModelError, match=r"0 missing and \d+ unexpected"):
+        load_adapter_weights(small, "default", tmp_path / "full")
+    wider = add_lora(
+        build_tiny_llama(tokenizer), "default", lora_config(dataclasses.replace(args, lora_rank=8))
+    )
+    with pytest.raises(ModelError, match="has shape"):
+        load_adapter_weights(wider, "default", tmp_path / "small")
+    load_adapter_weights(small, "default", tmp_path / "small")  # the matching adapter loads

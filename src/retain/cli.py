@@ -131,6 +131,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workflow(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from retain import workflow
+
+    result, run_dir = workflow.run(args)
+    if result is not None and PartialState().is_main_process:
+        _print_result(result, run_dir)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from retain.bench import run
 
@@ -160,6 +171,16 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
             "--verbose",
         ):  # also after the subcommand; SUPPRESS keeps a flag given before it
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "cl_workflow",
+        help="EasyCL's command line: --mode train_only|eval_only|train_then_eval|full_workflow --train_params X.yaml",
+        description="Runs EasyCL's `cl_workflow` arguments as one retain run (see retain.workflow).",
+    )
+    from retain.workflow import add_arguments
+
+    add_arguments(p)
+    for flag in ("--debug", "--verbose"):
+        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = sub.add_parser("report", help="rebuild the report from a run's metrics.json")
     p.add_argument("run_dir")
     p = sub.add_parser("models", help="list the offline model aliases, or prepare them")
@@ -237,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": cmd_keys,
         "compare": cmd_compare,
         "bench": cmd_bench,
+        "cl_workflow": cmd_workflow,
     }
     try:
         return handlers[args.command](args)

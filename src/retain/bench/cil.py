@@ -19,18 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from retain.bench.common import (
-    DEFAULT_BENCHMARK_DIR,
-    add_common,
-    interleave,
-    median,
-    progress,
-    quiet,
-    report,
-    setup,
-    table,
-    write_generated_tasks,
-)
+from retain.bench import common
 from retain.errors import ConfigError
 
 NAME = "cil"
@@ -39,7 +28,7 @@ ROUTINGS = ("all", "hard")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser, model="all-minilm-l6-v2", repeats=3)
+    common.add_common(parser, model="all-minilm-l6-v2", repeats=3)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8], help="sequence lengths T")
     parser.add_argument(
         "--data",
@@ -47,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="generated",
         help="generated: equal-size synthetic tasks; lnt: the first T tasks of --order",
     )
-    parser.add_argument("--benchmark-dir", default=DEFAULT_BENCHMARK_DIR, help="folder of the LNT benchmark")
+    parser.add_argument(
+        "--benchmark-dir", default=common.DEFAULT_BENCHMARK_DIR, help="folder of the LNT benchmark"
+    )
     parser.add_argument("--order", default="order1", help="LNT order for --data lnt (default order1)")
     parser.add_argument("--rows", type=int, default=64, help="test rows per task (default 64)")
     parser.add_argument("--train-rows", type=int, default=64, help="train rows per task (default 64)")
@@ -62,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _data_values(args: argparse.Namespace, count: int, root: Path) -> dict[str, Any]:
     if args.data == "generated":
-        names = write_generated_tasks(root, count, args.train_rows, args.rows, classes=3, seed=args.seed)
+        names = common.write_generated_tasks(
+            root, count, args.train_rows, args.rows, classes=3, seed=args.seed
+        )
         return {"dataset_dir": str(root), "cl_tasks": ",".join(names)}
     from retain.data.registry import benchmark_tasks
 
@@ -86,7 +79,7 @@ def measuring_session(config: Any, lengths: set[int], measure: Any) -> Any:
 
     class MeasuringSession(Session):
         def train_task(self, task, data) -> None:
-            progress(f"{NAME}: training task {task.id}/{len(self.tasks)}")
+            common.progress(f"{NAME}: training task {task.id}/{len(self.tasks)}")
             super().train_task(task, data)
             if task.id in lengths:
                 measure(self, task.id)
@@ -97,7 +90,7 @@ def measuring_session(config: Any, lengths: set[int], measure: Any) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from retain.cl.registry import parse_config
 
-    device = setup(args)
+    device = common.setup(args)
     lengths = sorted(set(args.tasks))
     if not lengths or lengths[0] < 1:
         raise ConfigError("--tasks: sequence lengths must be at least 1")
@@ -119,14 +112,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         try:
             variants = {routing: (lambda r=routing: evaluate_row(r)) for routing in ROUTINGS}
-            samples, scores = interleave(
+            samples, scores = common.interleave(
                 variants, args.repeats, args.warmup, device, label=f"{NAME} T={count}"
             )
         finally:
             method.args.newlora_routing = original
         rows = [len(d.test) for d in session.data[:count]]
         examples = sum(rows)
-        medians = {r: median(s) for r, s in samples.items()}
+        medians = {r: common.median(s) for r, s in samples.items()}
         routed = scores["hard"]
         results[str(count)] = {
             "samples_s": samples,
@@ -162,8 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **({"use_cpu": True} if device.type == "cpu" else {}),
         }
         session = measuring_session(parse_config(values), set(lengths), measure)
-        progress(f"{NAME}: peft with {args.classifier} heads and the NewLoRA router on {args.model}")
-        with quiet():
+        common.progress(f"{NAME}: peft with {args.classifier} heads and the NewLoRA router on {args.model}")
+        with common.quiet():
             session.run(train=True, evaluate=False)
 
     medians = {count: r["medians_s"] for count, r in results.items()}
@@ -185,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     samples = {count: r["samples_s"] for count, r in results.items()}
     body = {"samples": samples, "results": results, "medians": medians, "ratios": ratios}
-    return report(NAME, args, device, settings, body, render)
+    return common.report(NAME, args, device, settings, body, render)
 
 
 def render(out: dict[str, Any]) -> str:
@@ -205,7 +198,7 @@ def render(out: dict[str, Any]) -> str:
                 100 * r["accuracy"]["hard"],
             ]
         )
-    return table(
+    return common.table(
         [
             "T",
             "test rows",

@@ -80,6 +80,29 @@ def add_data(parser: argparse.ArgumentParser, *, lnt_tasks: str, demo_tasks: str
     parser.set_defaults(_lnt_tasks=lnt_tasks, _demo_tasks=demo_tasks)
 
 
+def add_cutoff(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cutoff-len",
+        type=int,
+        default=None,
+        help="tokens per row at most (default: the longest row loaded, so that no answer is cut)",
+    )
+
+
+def fitting_cutoff(values: dict[str, Any]) -> int:
+    """The longest row (prompt + answer) among the train rows `values` selects: a cutoff that cuts nothing."""
+    from retain.cl.registry import parse_config
+    from retain.data.prompt import PromptBuilder
+    from retain.data.tasks import load_tasks
+    from retain.model.loader import load_model
+
+    config = parse_config(values)
+    _, tokenizer = load_model(config.model)
+    builder = PromptBuilder(tokenizer, config.data.template)
+    rows = [e for task in load_tasks(config.data) for e in task.train]
+    return max(len(builder.prompt_ids(e)) + len(builder.answer_ids(e.answer)) for e in rows)
+
+
 def check_counts(args: argparse.Namespace) -> None:
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")

@@ -25,19 +25,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from retain.bench.common import (
-    add_common,
-    add_data,
-    data_values,
-    interleave,
-    median,
-    progress,
-    quiet,
-    report,
-    setup,
-    table,
-    task_names,
-)
+from retain.bench import common
 from retain.data.prompt import pad_batch
 from retain.errors import ConfigError
 from retain.eval.predict import EvalContext, common_prefix_length, generate_answers, score
@@ -48,8 +36,8 @@ VARIANTS = ("naive", "batched", "ours", "floor", "cached")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser, repeats=3)
-    add_data(parser, lnt_tasks="agnews", demo_tasks="paint_colour")
+    common.add_common(parser, repeats=3)
+    common.add_data(parser, lnt_tasks="agnews", demo_tasks="paint_colour")
     parser.add_argument("--rows", type=int, default=50, help="test rows per task (default 50)")
     parser.add_argument(
         "--train-rows",
@@ -109,11 +97,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from retain.hparams.args import DataArguments, ModelArguments
     from retain.model.loader import load_model
 
-    device = setup(args)
-    names = task_names(args)
+    device = common.setup(args)
+    names = common.task_names(args)
     if args.rows < 1 or args.batch_size < 1:
         raise ConfigError("--rows and --batch-size must be at least 1")
-    values = data_values(args, names)
+    values = common.data_values(args, names)
     data = load_tasks(
         DataArguments(
             dataset_dir=values["dataset_dir"],
@@ -124,7 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     )
     model_args = ModelArguments(model_name_or_path=args.model)
-    progress(f"{NAME}: loading {args.model}")
+    common.progress(f"{NAME}: loading {args.model}")
     logging.getLogger("retain.eval.base_cache").setLevel(logging.WARNING)  # one line per cache hit
     model, tokenizer = load_model(model_args)
     model_id = base_model_id(model_args, model)
@@ -148,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     model, tokenizer, prompts, args.batch_size, new_tokens, share_prefix=True
                 )
 
-            with quiet():
+            with common.quiet():
                 first = ours()  # also fills the cache entry that `cached` reads
             gold = [e.answer for e in task.test]
             stored = score(first, gold, task.labels)
@@ -172,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "gold": gold,
                 "labels": task.labels,
             }
-        samples, results = interleave(variants, args.repeats, args.warmup, device, label=NAME)
+        samples, results = common.interleave(variants, args.repeats, args.warmup, device, label=NAME)
 
     body = summarise(args, per_task, samples, results)
     settings = {
@@ -185,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "template": args.template,
         "variants": [v for v in VARIANTS if not (v == "naive" and args.skip_naive)],
     }
-    return report(NAME, args, device, settings, body, render)
+    return common.report(NAME, args, device, settings, body, render)
 
 
 def summarise(
@@ -201,7 +189,7 @@ def summarise(
     for name, info in per_task.items():
         gold, labels = info.pop("gold"), info.pop("labels")
         task_samples = {v: samples[f"{name}:{v}"] for v in variants}
-        medians = {v: median(s) for v, s in task_samples.items()}
+        medians = {v: common.median(s) for v, s in task_samples.items()}
         batched, ours = results[f"{name}:batched"], results[f"{name}:ours"]
         mismatches = {"ours_vs_batched": sum(a != b for a, b in zip(ours, batched, strict=True))}
         accuracy = {
@@ -259,7 +247,7 @@ def render(out: dict[str, Any]) -> str:
         [v, out["medians"][v], out["examples_per_s"][v], out["ratios"][v]]
         for v in out["settings"]["variants"]
     ]
-    lines.append(table(["variant", "seconds", "examples/s", "x floor"], rows))
+    lines.append(common.table(["variant", "seconds", "examples/s", "x floor"], rows))
     m = out["matrix_estimate"]
     lines.append(
         f"matrix of these {m['tasks']} task(s), eval_scope all: batched {m['batched_s']:.3g} s, ours "

@@ -23,19 +23,7 @@ from typing import Any
 
 import torch
 
-from retain.bench.common import (
-    PeakMemory,
-    add_common,
-    median,
-    mib,
-    progress,
-    quiet,
-    report,
-    setup,
-    table,
-    timed,
-    write_generated_tasks,
-)
+from retain.bench import common
 from retain.bench.step_time import method_values
 from retain.errors import ConfigError
 
@@ -45,7 +33,7 @@ DEFAULT_METHODS = "seq,replay,ilora,peft"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser, repeats=3)
+    common.add_common(parser, repeats=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2, 4, 8], help="sequence lengths T")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"default {DEFAULT_METHODS}")
     parser.add_argument("--rows", type=int, default=32, help="train rows per task (default 32)")
@@ -81,18 +69,18 @@ def timed_session(config: Any, device: torch.device, memory: bool) -> Any:
         def train_task(self, task, data) -> None:
             train = super().train_task
             if memory:
-                with PeakMemory(device) as peak:
-                    seconds, _ = timed(lambda: train(task, data), device)
+                with common.PeakMemory(device) as peak:
+                    seconds, _ = common.timed(lambda: train(task, data), device)
                 self.bench["peak_bytes"].append(peak.peak_bytes)
                 self.bench["held_bytes"].append(peak.held_bytes)
                 self.bench["memory_method"] = peak.method
             else:
-                seconds, _ = timed(lambda: train(task, data), device)
+                seconds, _ = common.timed(lambda: train(task, data), device)
             self.bench["train_s"].append(seconds)
 
         def evaluate_row(self, row: int) -> None:
             todo = [c for c in self.columns_for_row(row) if self.state.matrix[row][c] is None]
-            seconds, _ = timed(lambda: super(TimedSession, self).evaluate_row(row), device)
+            seconds, _ = common.timed(lambda: super(TimedSession, self).evaluate_row(row), device)
             self.bench["eval_s"].append(seconds)
             self.bench["eval_entries"].append(len(todo))
 
@@ -111,7 +99,7 @@ def timed_session(config: Any, device: torch.device, memory: bool) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from retain.cl.registry import parse_config
 
-    device = setup(args)
+    device = common.setup(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     lengths = sorted(set(args.lengths))
     if not methods or not lengths or lengths[0] < 1:
@@ -122,7 +110,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     memory_method = None
     with tempfile.TemporaryDirectory(prefix="retain-bench-") as scratch:
         root = Path(scratch)
-        names = write_generated_tasks(root / "data", max(lengths), args.rows, args.test_rows, seed=args.seed)
+        names = common.write_generated_tasks(
+            root / "data", max(lengths), args.rows, args.test_rows, seed=args.seed
+        )
 
         def one_run(method: str, count: int, label: str) -> dict[str, Any]:
             values = {
@@ -143,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 **({"use_cpu": True} if device.type == "cpu" else {}),
             }
             session = timed_session(parse_config(values), device, args.memory)
-            with quiet():
+            with common.quiet():
                 session.run(train=True, evaluate=args.eval)
             return session.bench
 
@@ -155,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 counter += 1
                 kind = "warm-up" if round_index < args.warmup else "repeat"
                 total = args.warmup + args.repeats
-                progress(f"{NAME}: {method}, T={count} ({kind}, round {round_index + 1}/{total})")
+                common.progress(f"{NAME}: {method}, T={count} ({kind}, round {round_index + 1}/{total})")
                 bench = one_run(method, count, f"{method}_{count}_{counter}")
                 if round_index >= args.warmup:
                     runs[method][str(count)].append(bench)
@@ -178,14 +168,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "data": "generated",
     }
-    return report(NAME, args, device, settings, body, render)
+    return common.report(NAME, args, device, settings, body, render)
 
 
 def _per_index(runs: list[dict[str, Any]], key: str) -> list[float]:
     """Median over repeats of each position of the per-task (or per-row) list `key`."""
     if not runs or not runs[0][key]:
         return []
-    return [median([r[key][i] for r in runs]) for i in range(len(runs[0][key]))]
+    return [common.median([r[key][i] for r in runs]) for i in range(len(runs[0][key]))]
 
 
 def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
@@ -198,7 +188,7 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
         for length, samples in by_length.items():
             raw[method][length] = [{k: v for k, v in r.items() if k != "memory_method"} for r in samples]
             train = _per_index(samples, "train_s")
-            mean_per_task = median([sum(r["train_s"]) / len(r["train_s"]) for r in samples])
+            mean_per_task = common.median([sum(r["train_s"]) / len(r["train_s"]) for r in samples])
             second = train[1] if len(train) > 1 else train[0]
             results[method][length] = {
                 "train_s_per_task": train,
@@ -208,7 +198,7 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
                 "held_bytes_per_task": _per_index(samples, "held_bytes"),
                 "eval_s_per_row": _per_index(samples, "eval_s"),
                 "eval_entries_per_row": samples[0]["eval_entries"],
-                "eval_s_total": median([sum(r["eval_s"]) for r in samples]),
+                "eval_s_total": common.median([sum(r["eval_s"]) for r in samples]),
             }
             medians[method][length] = mean_per_task
         first = medians[method][min(by_length, key=int)]
@@ -229,14 +219,14 @@ def render(out: dict[str, Any]) -> str:
                     r["train_s_mean_per_task"],
                     out["ratios"][method][length],
                     r["last_over_second_task"],
-                    mib(max(peaks)) if peaks else None,
-                    mib(sum(held)) if held else None,
+                    common.mib(max(peaks)) if peaks else None,
+                    common.mib(sum(held)) if held else None,
                     r["eval_s_total"],
                     entries,
                     r["eval_s_total"] / entries if entries else None,
                 ]
             )
-    text = table(
+    text = common.table(
         [
             "method",
             "T",

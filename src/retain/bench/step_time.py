@@ -31,21 +31,7 @@ from typing import Any
 import torch
 from transformers import TrainerControl, TrainerState
 
-from retain.bench.common import (
-    PeakMemory,
-    add_common,
-    add_data,
-    data_values,
-    interleave,
-    median,
-    mib,
-    progress,
-    quiet,
-    report,
-    setup,
-    table,
-    task_names,
-)
+from retain.bench import common
 from retain.bench.flops import DecoderShape, body_forward_flops, train_step_flops
 from retain.cl.loss import LossScale
 from retain.data.prompt import IGNORE_INDEX, pad_batch
@@ -59,11 +45,11 @@ JOINED, EMA_PASS = "ilora.seq_step_on_joined_batch", "ilora.ema_body_pass"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser)
-    add_data(parser, lnt_tasks="agnews,MNLI", demo_tasks="paint_colour,flag_colour")
+    common.add_common(parser)
+    common.add_data(parser, lnt_tasks="agnews,MNLI", demo_tasks="paint_colour,flag_colour")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"default {DEFAULT_METHODS}")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
-    parser.add_argument("--cutoff-len", type=int, default=128, help="tokens per row at most (default 128)")
+    common.add_cutoff(parser)
     parser.add_argument("--rows", type=int, default=64, help="train rows loaded per task (default 64)")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of every method (default 8)")
     parser.add_argument(
@@ -112,7 +98,7 @@ class MethodStep:
         self.seed = seed
         self.batch_size = batch_size
         self.session = Session(parse_config(values))
-        with quiet():
+        with common.quiet():
             self.session.load()
         self.method = self.session.method
         self.model = self.session.model.to(device)
@@ -169,11 +155,11 @@ class MethodStep:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = setup(args)
+    device = common.setup(args)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "seq" not in names:
         names.insert(0, "seq")
-    tasks = task_names(args)
+    tasks = common.task_names(args)
     if len(tasks) != 2:
         raise ConfigError("--tasks needs exactly two tasks: the first fills buffers, the second is timed")
     if args.batch_size < 1 or args.prep_steps < 1:
@@ -182,17 +168,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="retain-bench-") as scratch:
         base = {
             "model_name_or_path": args.model,
-            **data_values(args, tasks),
+            **common.data_values(args, tasks),
             "max_samples": args.rows,
             "eval_max_samples": 1,
-            "cutoff_len": args.cutoff_len,
             "per_device_train_batch_size": B,
             "learning_rate": 1e-4,
             "seed": args.seed,
             "disable_tqdm": True,
             "eval_base_cache": False,
         }
-        progress(f"{NAME}: loading {len(names)} model copies ({args.model})")
+        if args.cutoff_len is None:
+            args.cutoff_len = common.fitting_cutoff(base)
+        base["cutoff_len"] = args.cutoff_len
+        common.progress(f"{NAME}: loading {len(names)} model copies ({args.model})")
         runners = {
             name: MethodStep(
                 name,
@@ -203,9 +191,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             for name in names
         }
-        progress(f"{NAME}: {args.prep_steps} step(s) of task 1 per method, then task 2")
+        common.progress(f"{NAME}: {args.prep_steps} step(s) of task 1 per method, then task 2")
         for runner in runners.values():  # task 1: a few real steps, then its end (memories fill)
-            with quiet():
+            with common.quiet():
                 runner.begin(0)
                 for _ in range(args.prep_steps):
                     runner.step()
@@ -228,13 +216,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             variants[JOINED] = lambda: runners["seq"].step(joined)
             variants[EMA_PASS] = lambda: ilora.method.stable_hidden_states(replay)
 
-        samples, _ = interleave(variants, args.repeats, args.warmup, device, label=NAME)
+        samples, _ = common.interleave(variants, args.repeats, args.warmup, device, label=NAME)
         memory: dict[str, list[int]] = {name: [] for name in names}
         memory_method = None
         for index in range(max(args.memory_repeats, 0)):
-            progress(f"{NAME}: peak memory {index + 1}/{args.memory_repeats}")
+            common.progress(f"{NAME}: peak memory {index + 1}/{args.memory_repeats}")
             for name in names:
-                with quiet(), PeakMemory(device) as peak:
+                with common.quiet(), common.PeakMemory(device) as peak:
                     runners[name].step()
                 memory[name].append(peak.peak_bytes)
                 memory_method = peak.method
@@ -253,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory_repeats": args.memory_repeats,
         "seed": args.seed,
     }
-    return report(NAME, args, device, settings, body, render)
+    return common.report(NAME, args, device, settings, body, render)
 
 
 def summarise(
@@ -266,9 +254,9 @@ def summarise(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     B = args.batch_size
-    step_medians = {name: median(values) for name, values in samples.items()}
+    step_medians = {name: common.median(values) for name, values in samples.items()}
     seq_time = step_medians["seq"]
-    mem_medians = {name: median(values) if values else None for name, values in memory.items()}
+    mem_medians = {name: common.median(values) if values else None for name, values in memory.items()}
     seq_mem = mem_medians.get("seq")
     rows_per_step: dict[str, dict[str, float]] = {}
     for name in names:
@@ -347,11 +335,11 @@ def render(out: dict[str, Any]) -> str:
                 floor.get("textbook_ratio"),
                 floor.get("measured_ratio"),
                 ratios["per_current_row"][name],
-                mib(medians["peak_bytes"][name]),
+                common.mib(medians["peak_bytes"][name]),
                 ratios["peak_bytes"][name],
             ]
         )
-    text = table(
+    text = common.table(
         [
             "method",
             "rows cur+replay",

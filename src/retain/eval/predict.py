@@ -97,7 +97,7 @@ def generate_answers(
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(rows)
             output = model.generate(
-                input_ids=input_ids, attention_mask=mask, past_key_values=cache, generation_config=config
+                input_ids=input_ids, attention_mask=mask, cache=cache, generation_config=config
             )
             texts = tokenizer.batch_decode(output[:, input_ids.size(1) :], skip_special_tokens=True)
             mine.extend(zip(batch_ids, texts, strict=True))

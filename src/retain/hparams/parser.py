@@ -335,7 +335,24 @@ def _training_arguments(values: dict[str, Any], source: str, notes: list[str]) -
     if "use_cpu" not in values and _multi_process_without_accelerator():
         kwargs["use_cpu"] = True  # torchrun on CPUs: DDP over gloo
     try:
-        return TrainingArguments(**kwargs)
+        arguments = TrainingArguments(**kwargs)
     except (ValueError, TypeError) as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"invalid training arguments: {message}", source=source) from None
+    _check_reporting(arguments.report_to, source)
+    return arguments
+
+
+def _check_reporting(report_to: list[str], source: str) -> None:
+    """Each `report_to` integration must be installed (transformers would fail later with a traceback)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in report_to if name not in available]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} is not installed here (pip install {' '.join(missing)}), "
+            f"or set report_to: none; installed: {', '.join(sorted(available)) or 'none'}",
+            source=source,
+            field="report_to",
+        )

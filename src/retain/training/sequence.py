@@ -197,6 +197,8 @@ class Session:
         self.save_state()
         if self.state_.is_main_process:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                checkpoint_dir.parent.rmdir()  # `checkpoints/` goes when no task has checkpoints left
             if cfg.cl.plot_loss:
                 write_loss_curve(self.run_dir)
         self.model_at = task.id

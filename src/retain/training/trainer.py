@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from retain.cl.base import CLMethod, Task
 from retain.cl.loss import LossScale
 from retain.errors import TrainingError
+
+logger = logging.getLogger(__name__)
 
 
 def last_complete_checkpoint(directory: Path) -> Path | None:
@@ -32,6 +36,22 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
+class ProgressBar(ProgressCallback):
+    """The Trainer's progress bar without the dict of logged values it prints at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class LogToLogger(TrainerCallback):
+    """The logged values (loss, learning rate, ...) go to retain's logger: shown with `retain --verbose`,
+    and always kept in the run's `logs/train_task_<k>.json`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
+
+
 class CLTrainer(Trainer):
     """`transformers.Trainer` that delegates the loss to a continual-learning method.
 
@@ -43,6 +63,11 @@ class CLTrainer(Trainer):
 
     def __init__(self, *args: Any, method: CLMethod, task: Task, step_offset: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # Keep the console to progress bars: logged values go to the logger and the run's log files.
+        for noisy, quiet in ((ProgressCallback, ProgressBar), (PrinterCallback, None)):
+            if self.pop_callback(noisy) is not None and quiet is not None:
+                self.add_callback(quiet)
+        self.add_callback(LogToLogger)
         self.method = method
         self.task = task
         #: Optimizer steps of the earlier tasks: logged steps (TensorBoard, W&B, the log history) count
