@@ -103,3 +103,19 @@ def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_confi
     assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id, first]
     answers = generate_answers(model, tokenizer, [prompt[0].tolist()], 1, 6)
     assert answers == [tokenizer.decode([first], skip_special_tokens=True)]
+
+
+def test_a_run_leaves_the_callers_config_as_it_was(tiny_config, tmp_path):
+    import copy
+
+    from retain.cl.registry import parse_config
+
+    config = parse_config(tiny_config(cl_tasks="task0,task1", learning_rate=1e-2))
+    before = copy.deepcopy(config.resolved())
+    metrics = retain.run(config)
+    assert config.resolved() == before and config.cl.previous_task_model is None
+    assert config.training.output_dir == str(tmp_path / "run")
+    again = retain.evaluate(config)  # the same object again: the same run, nothing retrained
+    assert again["matrix"] == metrics["matrix"]
+    state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
+    assert sorted(state["trained"]) == ["1", "2"] and not (tmp_path / "run" / "from_task3").exists()

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a partial one."""
+"""Files on disk: atomic writes (a reader sees the old file or the new one, never a partial one) and the cache root."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def cache_root(override: str | os.PathLike | None = None) -> Path:
+    """retain's cache folder (converted models, built-in data, cached base rows): `override`, else
+    `$RETAIN_CACHE`, else `~/.cache/retain`."""
+    return Path(override or os.environ.get("RETAIN_CACHE") or Path.home() / ".cache" / "retain")
 
 
 def _umask() -> int:

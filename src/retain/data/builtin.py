@@ -13,13 +13,12 @@ the earlier mappings, so forgetting is easy to see.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from retain.data.ner import NER_VERSION, ner_rows
-from retain.io import atomic_dir
+from retain.io import atomic_dir, cache_root
 
 PREFIX = "builtin://"
 
@@ -103,8 +102,7 @@ def resolve_dataset_dir(dataset_dir: str) -> Path:
             f"unknown built-in dataset '{family}' (known: {', '.join(FAMILIES)})", field="dataset_dir"
         )
     version, make = FAMILIES[family]
-    root = Path(os.environ.get("RETAIN_CACHE") or Path.home() / ".cache" / "retain") / "data"
-    target = root / f"{family}-v{version}"
+    target = cache_root() / "data" / f"{family}-v{version}"
     if not (target / "dataset_info.json").is_file():
         _write_family(make(), target, FAMILY_FORMATTING.get(family, "alpaca"))
     return target

@@ -29,14 +29,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from retain.eval.predict import EvalContext, Score
-from retain.io import atomic_write_json
+from retain.io import atomic_write_json, cache_root
 
 if TYPE_CHECKING:
     from retain.data.tasks import TaskData
@@ -51,8 +50,7 @@ SMALL_FILE = 4 << 20
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("RETAIN_CACHE") or Path.home() / ".cache" / "retain"
-    return Path(root) / "eval"
+    return cache_root() / "eval"
 
 
 def _sha256(obj: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retain.errors import ModelError
-from retain.io import atomic_dir
+from retain.io import atomic_dir, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +49,12 @@ ALIASES: dict[str, Alias] = {
 }
 
 
-def cache_root(model_cache_dir: str | None = None) -> Path:
-    root = model_cache_dir or os.environ.get("RETAIN_CACHE") or Path.home() / ".cache" / "retain"
-    return Path(root) / "models"
+def models_dir(model_cache_dir: str | None = None) -> Path:
+    return cache_root(model_cache_dir) / "models"
 
 
 def alias_dir(name: str, model_cache_dir: str | None = None) -> Path:
-    return cache_root(model_cache_dir) / name
+    return models_dir(model_cache_dir) / name
 
 
 def is_prepared(name: str, model_cache_dir: str | None = None) -> bool:
