@@ -67,6 +67,20 @@ def test_step_time(tmp_path, capsys):
     assert floors["ilora"]["measured_ratio"] == pytest.approx(
         (medians[JOINED] + medians[EMA_PASS]) / medians["seq"]
     )
+    # No --cutoff-len: the cutoff is the longest loaded row, so no answer is cut.
+    from retain.data.prompt import PromptBuilder
+    from retain.data.tasks import load_tasks
+    from retain.hparams.args import DataArguments
+    from retain.model.tiny import build_tiny_tokenizer
+
+    builder = PromptBuilder(build_tiny_tokenizer())
+    data = DataArguments(
+        dataset_dir="builtin://demo", cl_tasks=["paint_colour", "flag_colour"], max_samples=6
+    )
+    rows = [e for task in load_tasks(data) for e in task.train]
+    assert out["settings"]["cutoff_len"] == max(
+        len(builder.prompt_ids(e)) + len(builder.answer_ids(e.answer)) for e in rows
+    )
 
 
 def test_eval(tmp_path, capsys):
