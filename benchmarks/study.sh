@@ -15,7 +15,6 @@ set -euo pipefail
 
 RETAIN=${RETAIN:-retain}
 RUNS=${RUNS:-runs}
-LNT=${LNT:-../shared/benchmarks/LNT}
 DEST=${DEST:-docs/study}
 EXTRA=${EXTRA:-}
 METHODS=${METHODS:-"seq seq_lr1e-3 replay ilora ilora_a0.9 peft_lora multitask"}
@@ -59,7 +58,7 @@ for seed in "$@"; do
     [ -f "$out/metrics.json" ] && { echo "done already: $out"; continue; }
     args=$(method_args "$name")
     # shellcheck disable=SC2086
-    "$RETAIN" run $args benchmark_order="$order" benchmark_dir="$LNT" seed="$seed" \
+    "$RETAIN" run $args benchmark_order="$order" seed="$seed" \
       output_dir="$out" $EXTRA
   done
 done

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,26 +120,55 @@ def test_json_lines_in_a_json_file(tmp_path):
     assert [e.messages[0]["content"] for e in examples] == ["i\n0", "i\n1", "i\n2"]
 
 
-@pytest.mark.skipif(not SHARED_LNT.is_dir(), reason="needs ../shared/benchmarks/LNT")
-def test_whole_lnt_benchmark_loads():
-    orders = json.loads((SHARED_LNT / "benchmark_info.json").read_text())["LNT"]["orders"]
-    tasks = load_tasks(
-        DataArguments(benchmark="LNT", benchmark_order="order1", benchmark_dir=str(SHARED_LNT))
-    )
-    assert [t.name for t in tasks] == orders["order1"]
-    assert len(tasks) == 14
+def test_the_shipped_lnt_copy_loads_with_no_benchmark_dir():
+    from retain.data.builtin import shipped_benchmark
+
+    folder = shipped_benchmark("LNT")
+    orders = json.loads((folder / "benchmark_info.json").read_text())["LNT"]["orders"]
+    assert set(orders) == {"order1", "order2", "order3", "standard", "short1", "short2"}
+    tasks = load_tasks(DataArguments(benchmark="LNT", benchmark_order="order1"))
+    assert [t.name for t in tasks] == orders["order1"] and len(tasks) == 14
     by_name = {t.name: t for t in tasks}
-    assert len(by_name["agnews"].train) == 4000 and len(by_name["agnews"].test) == 7600
-    assert by_name["MNLI"].labels == ["contradiction", "entailment", "neutral"]  # "-" only appears in test
-    assert len(by_name["amazon"].labels) == 5
+    assert len(by_name["agnews"].train) == 3800 and len(by_name["agnews"].test) == 7600
+    assert by_name["MNLI"].labels == ["contradiction", "entailment", "neutral"]
+    assert by_name["COPA"].labels == ["a", "b"] and len(by_name["dbpedia"].labels) == 14
     for order in orders:
-        load_tasks(
-            DataArguments(
-                benchmark="LNT", benchmark_order=order, benchmark_dir=str(SHARED_LNT), max_samples=1
-            )
-        )
+        load_tasks(DataArguments(benchmark="LNT", benchmark_order=order, max_samples=1, eval_max_samples=1))
     with pytest.raises(DataError, match="no order 'nope'"):
-        load_tasks(DataArguments(benchmark="LNT", benchmark_order="nope", benchmark_dir=str(SHARED_LNT)))
+        load_tasks(DataArguments(benchmark="LNT", benchmark_order="nope"))
+    dev = load_tasks(DataArguments(benchmark="LNT", benchmark_order="short1", eval_split="dev"))
+    for task in dev:  # dev rows are cut from the train file: never trained on
+        train = {(e.messages[0]["content"], e.answer) for e in by_name[task.name].train}
+        assert task.test and not train & {(e.messages[0]["content"], e.answer) for e in task.test}
+
+
+@pytest.mark.skipif(not SHARED_LNT.is_dir(), reason="needs ../shared/benchmarks/LNT")
+def test_the_shipped_lnt_copy_is_built_from_the_source_by_our_script(tmp_path):
+    import importlib.util
+
+    from retain.data.builtin import shipped_benchmark
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "build_lnt.py"
+    spec = importlib.util.spec_from_file_location("build_lnt", script)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.build(SHARED_LNT, tmp_path)
+    shipped = shipped_benchmark("LNT")
+    for path in sorted(tmp_path.rglob("*")):  # the committed copy is what the script builds, byte for byte
+        if path.is_file():
+            assert path.read_bytes() == (shipped / path.relative_to(tmp_path)).read_bytes(), path
+    source = load_dataset_info(SHARED_LNT)
+    info = load_dataset_info(shipped)
+    for name in [n for n in source if not n.endswith("_test")]:
+        original = load_examples(SHARED_LNT, source, name)
+        train, dev = load_examples(shipped, info, name), load_examples(shipped, info, f"{name}_dev")
+        assert load_examples(shipped, info, f"{name}_test") == load_examples(
+            SHARED_LNT, source, f"{name}_test"
+        )
+        half = len(original) // 2
+        assert train[:half] == original[:half]  # the first half keeps its order: short runs train as before
+        assert sorted(map(repr, train + dev)) == sorted(map(repr, original))
+        assert len(dev) == min(200, len(original) // 10)
 
 
 def test_llamafactory_template_names():
@@ -186,3 +216,13 @@ def test_a_template_without_a_system_role_gets_it_folded_into_the_first_user_tur
         "<bos><start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\n"
     )
     assert not PromptBuilder(tokenizer).fold_system
+
+
+def test_retain_benchmarks_lists_orders_tasks_rows_and_labels(capsys):
+    from retain.cli import main
+
+    assert main(["benchmarks"]) == 0
+    out = capsys.readouterr().out
+    assert "order short1: agnews, SST-2, MNLI, COPA" in out and "order standard: dbpedia, amazon, agnews" in out
+    cb = next(line for line in out.splitlines() if line.strip().startswith("CB "))
+    assert cb.split()[1:4] == ["225", "25", "56"] and "entailment, contradiction, neutral" in cb

@@ -122,6 +122,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmarks(args: argparse.Namespace) -> int:
+    from retain.data.benchmarks_info import describe_benchmarks
+
+    print(describe_benchmarks(args.dir))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from retain.eval.compare import compare, parse_run_args, write_comparison
 
@@ -187,6 +194,11 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--prepare", nargs="+", metavar="NAME", help="fetch and convert these aliases now")
     p.add_argument("--cache-dir", default=None, help="cache root (default $RETAIN_CACHE or ~/.cache/retain)")
     sub.add_parser("methods", help="list the registered continual-learning methods")
+    p = sub.add_parser(
+        "benchmarks",
+        help="list the benchmarks shipped with retain: orders, tasks, rows per split, label sets",
+    )
+    p.add_argument("--dir", help="also describe the benchmarks of this folder (with benchmark_info.json)")
     p = sub.add_parser("keys", help="list the accepted config keys with their help")
     p.add_argument("method", nargs="?", help="also list this method's keys")
     p = sub.add_parser(
@@ -255,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "models": cmd_models,
         "methods": cmd_methods,
+        "benchmarks": cmd_benchmarks,
         "keys": cmd_keys,
         "compare": cmd_compare,
         "bench": cmd_bench,

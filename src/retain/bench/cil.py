@@ -36,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="generated",
         help="generated: equal-size synthetic tasks; lnt: the first T tasks of --order",
     )
-    parser.add_argument(
-        "--benchmark-dir", default=common.DEFAULT_BENCHMARK_DIR, help="folder of the LNT benchmark"
-    )
+    common.add_benchmark_dir(parser)
     parser.add_argument("--order", default="order1", help="LNT order for --data lnt (default order1)")
     parser.add_argument("--rows", type=int, default=64, help="test rows per task (default 64)")
     parser.add_argument("--train-rows", type=int, default=64, help="train rows per task (default 64)")
@@ -59,9 +57,7 @@ def _data_values(args: argparse.Namespace, count: int, root: Path) -> dict[str, 
         return {"dataset_dir": str(root), "cl_tasks": ",".join(names)}
     from retain.data.registry import benchmark_tasks
 
-    folder = Path(args.benchmark_dir)
-    if not (folder / "benchmark_info.json").is_file():
-        raise ConfigError(f"no LNT benchmark at {folder}: pass --benchmark-dir, or --data generated")
+    folder = common.lnt_folder(args)
     names = benchmark_tasks(folder, "LNT", args.order)
     if count > len(names):
         raise ConfigError(f"order {args.order} has {len(names)} tasks; --tasks asks for {count}")

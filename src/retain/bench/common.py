@@ -31,7 +31,7 @@ from retain.io import atomic_write_json
 
 #: The model of the published figures.
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_BENCHMARK_DIR = "../shared/benchmarks/LNT"
+
 JSON_VERSION = 1
 
 
@@ -60,6 +60,22 @@ def add_common(parser: argparse.ArgumentParser, *, model: str = DEFAULT_MODEL, r
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, adapters and replay draws")
 
 
+def add_benchmark_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--benchmark-dir", default=None, help="folder of the LNT benchmark (default: the copy shipped with retain)"
+    )
+
+
+def lnt_folder(args: argparse.Namespace) -> Path:
+    """`--benchmark-dir`, or the LNT copy shipped with retain."""
+    from retain.data.builtin import shipped_benchmark
+
+    folder = Path(args.benchmark_dir) if args.benchmark_dir else shipped_benchmark("LNT")
+    if folder is None or not (folder / "dataset_info.json").is_file():
+        raise ConfigError(f"no LNT benchmark at {folder} (no dataset_info.json): pass --benchmark-dir")
+    return folder
+
+
 def add_data(parser: argparse.ArgumentParser, *, lnt_tasks: str, demo_tasks: str) -> None:
     parser.add_argument(
         "--data",
@@ -67,11 +83,7 @@ def add_data(parser: argparse.ArgumentParser, *, lnt_tasks: str, demo_tasks: str
         default="lnt",
         help="lnt: tasks of the LNT benchmark from --benchmark-dir; demo: the built-in demo tasks",
     )
-    parser.add_argument(
-        "--benchmark-dir",
-        default=DEFAULT_BENCHMARK_DIR,
-        help=f"folder of the LNT benchmark (default {DEFAULT_BENCHMARK_DIR})",
-    )
+    add_benchmark_dir(parser)
     parser.add_argument(
         "--tasks",
         default=None,
@@ -119,12 +131,7 @@ def data_values(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     """Config keys that select `names` from the chosen data source."""
     if args.data == "demo":
         return {"dataset_dir": "builtin://demo", "cl_tasks": ",".join(names)}
-    folder = Path(args.benchmark_dir)
-    if not (folder / "dataset_info.json").is_file():
-        raise ConfigError(
-            f"no LNT benchmark at {folder} (no dataset_info.json): pass --benchmark-dir, or --data demo"
-        )
-    return {"dataset_dir": str(folder), "cl_tasks": ",".join(names)}
+    return {"dataset_dir": str(lnt_folder(args)), "cl_tasks": ",".join(names)}
 
 
 # ---- environment ------------------------------------------------------------------------------------

@@ -90,6 +90,19 @@ FAMILIES: dict[str, tuple[int, Callable[[], dict[str, list[dict]]]]] = {
 FAMILY_FORMATTING = {"ner": "tagging"}
 
 
+#: Benchmarks shipped inside the package (compact copies built by benchmarks/build_lnt.py).
+SHIPPED_BENCHMARKS = Path(__file__).parent / "benchmarks"
+
+
+def shipped_benchmarks() -> dict[str, Path]:
+    """Benchmark name -> the shipped folder holding it."""
+    return {p.name: p for p in sorted(SHIPPED_BENCHMARKS.iterdir()) if (p / "benchmark_info.json").is_file()}
+
+
+def shipped_benchmark(name: str) -> Path | None:
+    return shipped_benchmarks().get(name)
+
+
 def resolve_dataset_dir(dataset_dir: str) -> Path:
     """A folder path as is; `builtin://<family>` generated into the cache on first use."""
     if not dataset_dir.startswith(PREFIX):

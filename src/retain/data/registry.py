@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,16 @@ class Example:
 
 
 def read_text(path: Path, what: str) -> str:
-    """A UTF-8 text file that must exist and not be empty."""
+    """A UTF-8 text file (gzipped when its name ends in .gz) that must exist and not be empty."""
     if not path.is_file():
         raise DataError(f"{what} not found", source=str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        text = data.decode("utf-8")
+    except (OSError, EOFError) as exc:  # a broken gzip stream
+        raise DataError(f"not a readable gzip file ({exc})", source=str(path)) from None
     except UnicodeDecodeError as exc:
         raise DataError(
             f"not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x})", source=str(path)
@@ -62,13 +68,13 @@ def parse_json(text: str, path: Path, line: int | None = None) -> Any:
         raise DataError(f"malformed JSON: {where}{json_error(exc)}", source=str(path)) from None
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
     return parse_json(read_text(path, what), path)
 
 
 def load_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(dataset_dir) / "dataset_info.json"
-    info = _read_json(path, "dataset registry")
+    info = read_json(path, "dataset registry")
     if not isinstance(info, dict):
         raise DataError("expected an object of dataset entries", source=str(path))
     for name, entry in info.items():
@@ -79,7 +85,7 @@ def load_dataset_info(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def benchmark_tasks(benchmark_dir: str | Path, benchmark: str, order: str) -> list[str]:
     path = Path(benchmark_dir) / "benchmark_info.json"
-    info = _read_json(path, "benchmark registry")
+    info = read_json(path, "benchmark registry")
     if not isinstance(info, dict) or benchmark not in info:
         known = ", ".join(sorted(info)) if isinstance(info, dict) else "none"
         raise DataError(f"no benchmark '{benchmark}' (known: {known})", source=str(path), field="benchmark")
@@ -126,7 +132,7 @@ def resolve_file(dataset_dir: Path, name: str, spec: dict[str, Any]) -> Path:
 def read_records(path: Path) -> list[dict[str, Any]]:
     """A JSON list of objects, or JSON Lines (one object per line, in a .jsonl or a .json file)."""
     text = read_text(path, "data file")
-    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
+    if path.name.removesuffix(".gz").endswith(".jsonl") or text.lstrip().startswith("{"):
         numbered = ((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
         records = [parse_json(line, path, line=n) for n, line in numbered]
     else:

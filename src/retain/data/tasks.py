@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retain.data.builtin import resolve_dataset_dir
+from retain.data.builtin import resolve_dataset_dir, shipped_benchmark
 from retain.data.prompt import IGNORE_INDEX, PromptBuilder, normalize_answer
 from retain.data.registry import Example, benchmark_tasks, is_bio_tag, load_dataset_info, load_examples
 from retain.errors import DataError
@@ -38,7 +38,7 @@ class TaskData:
 def task_sequence(data: DataArguments) -> tuple[Path, list[str]]:
     """The dataset directory and the ordered task names."""
     if data.benchmark:
-        bench_dir = resolve_dataset_dir(data.benchmark_dir or data.dataset_dir)
+        bench_dir = benchmark_folder(data)
         return bench_dir, benchmark_tasks(bench_dir, data.benchmark, data.benchmark_order or "")
     assert data.cl_tasks
     if len(set(data.cl_tasks)) != len(data.cl_tasks):
@@ -46,12 +46,20 @@ def task_sequence(data: DataArguments) -> tuple[Path, list[str]]:
     return resolve_dataset_dir(data.dataset_dir), list(data.cl_tasks)
 
 
+def benchmark_folder(data: DataArguments) -> Path:
+    """`benchmark_dir` when given; else the copy shipped with retain (`benchmark: LNT`); else `dataset_dir`."""
+    if data.benchmark_dir:
+        return resolve_dataset_dir(data.benchmark_dir)
+    shipped = shipped_benchmark(data.benchmark or "")
+    return shipped if shipped is not None else resolve_dataset_dir(data.dataset_dir)
+
+
 def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArguments) -> TaskData:
     train = load_examples(dataset_dir, info, name)
-    test_name = f"{name}_test"
+    test_name = f"{name}_{data.eval_split}"
     if test_name not in info:
         raise DataError(
-            f"task '{name}' has no test split: add an entry '{test_name}'",
+            f"task '{name}' has no {data.eval_split} split: add an entry '{test_name}'",
             source=str(dataset_dir / "dataset_info.json"),
             field=test_name,
         )

@@ -63,7 +63,11 @@ class DataArguments:
     )
     benchmark_order: str | None = field(default=None, metadata={"help": "Named task order of the benchmark."})
     benchmark_dir: str | None = field(
-        default=None, metadata={"help": "Folder holding benchmark_info.json and dataset_info.json."}
+        default=None,
+        metadata={
+            "help": "Folder holding benchmark_info.json and dataset_info.json. Default: the copy shipped with "
+            "retain for the benchmarks it ships (LNT; see `retain benchmarks`), else dataset_dir."
+        },
     )
     template: str = field(
         default="auto",
@@ -71,6 +75,13 @@ class DataArguments:
             "help": "Prompt format by LLaMA-Factory's template names: 'auto' (the tokenizer's chat template, else "
             "plain), a chat family (llama3, qwen, chatml, mistral, gemma: the tokenizer's own template when it is of "
             "that family, else retain's), or a text format (plain = alpaca, default, empty). Other names: auto."
+        },
+    )
+    eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "The split every matrix entry is scored on: 'test' (entries <task>_test) or 'dev' (<task>_dev; "
+            "the shipped benchmarks cut it from the train rows). Tune hyperparameters on dev, report test."
         },
     )
     cutoff_len: int = field(
@@ -84,6 +95,8 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.eval_split not in ("test", "dev"):
+            raise ConfigError(f"expected 'test' or 'dev', got {self.eval_split!r}", field="eval_split")
         if self.cutoff_len < 2:
             raise ConfigError("must be at least 2", field="cutoff_len")
         for name in ("max_samples", "eval_max_samples"):
