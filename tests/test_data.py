@@ -226,3 +226,21 @@ def test_retain_benchmarks_lists_orders_tasks_rows_and_labels(capsys):
     assert "order short1: agnews, SST-2, MNLI, COPA" in out and "order standard: dbpedia, amazon, agnews" in out
     cb = next(line for line in out.splitlines() if line.strip().startswith("CB "))
     assert cb.split()[1:4] == ["225", "25", "56"] and "entailment, contradiction, neutral" in cb
+
+
+def test_the_wheel_carries_the_benchmark_and_stays_small(tmp_path):
+    """After `pip install`, `benchmark: LNT` works: the wheel holds the shipped copy, under 20 MB."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q"]
+    result = subprocess.run([*command, "-w", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("retain-*.whl")
+    assert wheel.stat().st_size < 20 * 2**20
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = [n for n in names if n.startswith("retain/data/benchmarks/LNT/")]
+    assert "retain/data/benchmarks/LNT/dataset_info.json" in shipped
+    assert len([n for n in shipped if n.endswith(".json.gz")]) == 14 * 3
