@@ -35,6 +35,7 @@ LAYERS = [
             "retain.cli",
             "retain.api",
             "retain.workflow",
+            "retain.study",
             "retain.cl.ilora.ilora_workflow",
         ],
     ),

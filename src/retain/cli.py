@@ -149,6 +149,12 @@ def cmd_workflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from retain import study
+
+    return study.main(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from retain.bench import run
 
@@ -186,6 +192,16 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     from retain.workflow import add_arguments
 
     add_arguments(p)
+    for flag in ("--debug", "--verbose"):
+        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "study",
+        help="a grid of runs from a spec: --list, --cell I, --lanes N, --report (benchmarks/studies/)",
+        description="Runs the cells of a study spec (methods x orders x seeds ...); see retain.study.",
+    )
+    from retain.study import add_arguments as add_study_arguments
+
+    add_study_arguments(p)
     for flag in ("--debug", "--verbose"):
         p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = sub.add_parser("report", help="rebuild the report from a run's metrics.json")
@@ -272,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": cmd_compare,
         "bench": cmd_bench,
         "cl_workflow": cmd_workflow,
+        "study": cmd_study,
     }
     try:
         return handlers[args.command](args)
