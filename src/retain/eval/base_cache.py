@@ -105,7 +105,14 @@ def base_model_id(args: ModelArguments, model: torch.nn.Module) -> str:
         source = ["hub", name, model.config._commit_hash]  # the exact revision fetched
     else:  # built in code (tiny-random-llama), or no revision known: hash what was loaded
         source = ["weights", name, weights_hash(model)]
-    return _sha256([source, dtype])
+    loading = [
+        args.torch_dtype,
+        args.flash_attn,
+        args.quantization_bit,
+        args.quantization_type,
+        args.double_quantization,
+    ]
+    return _sha256([source, dtype, loading])
 
 
 def _score_to_json(score: Score) -> dict[str, Any]:

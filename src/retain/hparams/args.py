@@ -29,10 +29,64 @@ class ModelArguments:
             "help": "Where offline aliases are converted and cached (default: $RETAIN_CACHE or ~/.cache/retain)."
         },
     )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the base weights: auto (the checkpoint's dtype on a GPU, float32 on a CPU), float32, "
+            "bfloat16 or float16. LoRA weights and methods' state stay float32 (docs/models.md)."
+        },
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "transformers' device_map for one process (auto, cpu, cuda:0, ...): spread or place the base "
+            "model. None: the training device. Not with several processes."
+        },
+    )
+    flash_attn: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel (LLaMA-Factory's key): auto (transformers' choice), disabled (eager), sdpa, "
+            "or fa2 (flash_attention_2, needs the flash-attn package and a GPU)."
+        },
+    )
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Load the base weights in 4 or 8 bits (QLoRA through bitsandbytes). None: no quantization."
+        },
+    )
+    quantization_method: str = field(
+        default="bitsandbytes", metadata={"help": "Only 'bitsandbytes' (LLaMA-Factory's key)."}
+    )
+    quantization_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 (QLoRA's) or fp4."})
+    double_quantization: bool = field(
+        default=True,
+        metadata={"help": "4-bit: also quantize the quantization constants (QLoRA's double quantization)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ConfigError("is required", field="model_name_or_path")
+        choices = {
+            "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+            "flash_attn": tuple(ATTENTION),
+            "quantization_method": ("bitsandbytes",),
+            "quantization_type": ("nf4", "fp4"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"expected one of {', '.join(allowed)}, got {getattr(self, key)!r}", field=key
+                )
+        if self.quantization_bit not in (None, 4, 8):
+            raise ConfigError(
+                f"expected 4 or 8 (or null), got {self.quantization_bit}", field="quantization_bit"
+            )
+
+
+#: `flash_attn` values -> transformers' attn_implementation (None: transformers chooses).
+ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 
 
 #: Template names with a meaning of their own (retain.data.templates); any other name is read as 'auto'.

@@ -35,6 +35,16 @@ def lora_config(args: FinetuningArguments, task_type: str | None = "CAUSAL_LM") 
 
 def add_lora(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel:
     """Wrap a base model (first adapter) or add another named adapter to a PeftModel."""
+    if isinstance(config.target_modules, list | set):
+        layers = linear_layers(model)
+        missing = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in layers)]
+        if missing:
+            short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ModelError(
+                f"{', '.join(repr(m) for m in missing)} is not among this model's linear layers: "
+                f"{', '.join(short)} ('all' adapts every one of them)",
+                field="lora_target",
+            )
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
         return model
@@ -42,6 +52,22 @@ def add_lora(model: torch.nn.Module, name: str, config: LoraConfig) -> PeftModel
         return get_peft_model(model, config, adapter_name=name)
     except ValueError as exc:
         raise ModelError(f"cannot add LoRA: {exc}", field="lora_target") from None
+
+
+def linear_layers(model: torch.nn.Module) -> list[str]:
+    """The full names of the linear layers (nn.Linear, GPT-2's Conv1D, bitsandbytes', and layers an adapter
+    already wraps) but the output head; an adapter's own layers do not count."""
+    kinds = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+    names, wrapped = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrapped):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            wrapped.append(f"{name}.")
+            names.append(name)
+        elif type(module).__name__ in kinds and name.rsplit(".", 1)[-1] != "lm_head":
+            names.append(name)
+    return names
 
 
 def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:

@@ -15,6 +15,10 @@ from retain.io import atomic_dir, cache_root
 
 logger = logging.getLogger(__name__)
 
+#: `tiny-random-<arch>`: built in code by retain.model.tiny (listed here without importing torch).
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "phi3", "gemma2")
+TINY_PREFIX = "tiny-random-"
+
 
 @dataclass(frozen=True)
 class Alias:
@@ -28,9 +32,12 @@ class Alias:
 ALIASES: dict[str, Alias] = {
     alias.name: alias
     for alias in (
-        Alias(
-            "tiny-random-llama",
-            "4-layer random Llama with a byte tokenizer, built in code (tests, smoke runs)",
+        *(
+            Alias(
+                f"tiny-random-{arch}",
+                f"4-layer random {arch} with a byte tokenizer, built in code (tests, smoke runs)",
+            )
+            for arch in TINY_ARCHITECTURES
         ),
         Alias(
             "smollm2-135m-instruct",

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from retain.errors import ModelError
-from retain.hparams.args import ModelArguments
-from retain.model.aliases import ALIASES, prepare_alias
+from retain.hparams.args import ATTENTION, ModelArguments
+from retain.model.aliases import ALIASES, TINY_ARCHITECTURES, TINY_PREFIX, prepare_alias
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +51,69 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
 
 
+def load_options(args: ModelArguments) -> dict[str, Any]:
+    """`from_pretrained` keywords for the config's dtype, attention kernel, placement and quantization."""
+    on_gpu = torch.cuda.is_available()
+    dtype: Any = (
+        ("auto" if on_gpu else torch.float32)
+        if args.torch_dtype == "auto"
+        else getattr(torch, args.torch_dtype)
+    )
+    options: dict[str, Any] = {"dtype": dtype}
+    if ATTENTION[args.flash_attn]:
+        options["attn_implementation"] = ATTENTION[args.flash_attn]
+    if args.device_map:
+        options["device_map"] = args.device_map
+    if args.quantization_bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError(
+                "needs the bitsandbytes package: pip install bitsandbytes", field="quantization_bit"
+            ) from None
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16  # "auto" is GPU-only
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=args.quantization_bit == 4,
+            load_in_8bit=args.quantization_bit == 8,
+            bnb_4bit_quant_type=args.quantization_type,
+            bnb_4bit_use_double_quant=args.double_quantization,
+            bnb_4bit_compute_dtype=compute,
+        )
+    return options
+
+
 def load_model(
     args: ModelArguments, kind: str = "causal-lm"
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer). `kind` is 'causal-lm' or 'encoder'."""
-    name = args.model_name_or_path
-    if name == "tiny-random-llama":
-        from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
+    """Return (model, tokenizer). `kind` is 'causal-lm' or 'encoder'.
 
-        tokenizer = build_tiny_tokenizer()
-        return build_tiny_llama(tokenizer), tokenizer
+    The base weights come in the config's dtype, attention kernel and placement, quantized to 4 or 8
+    bits when `quantization_bit` is set (then prepared for k-bit training: norms in float32, base frozen).
+    """
+    model, tokenizer = _load(args, kind)
+    if args.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, tokenizer
+
+
+def _load(args: ModelArguments, kind: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    name = args.model_name_or_path
+    options = load_options(args)
+    if name.startswith(TINY_PREFIX) and name.removeprefix(TINY_PREFIX) in TINY_ARCHITECTURES:
+        from retain.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+        arch = name.removeprefix(TINY_PREFIX)
+        tokenizer = build_tiny_tokenizer(arch)
+        model = build_tiny_model(arch, tokenizer)
+        if options == {"dtype": torch.float32}:
+            return model, tokenizer
+        with tempfile.TemporaryDirectory() as folder:  # through from_pretrained, as a real checkpoint loads
+            model.save_pretrained(folder)
+            return AutoModelForCausalLM.from_pretrained(folder, **options), tokenizer
     if name in ALIASES:
         path = prepare_alias(name, args.model_cache_dir)
         local_only = True
@@ -67,6 +122,12 @@ def load_model(
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelError("GGUF file not found", field="model_name_or_path", source=str(path))
+            if set(options) != {"dtype"} or options["dtype"] not in (torch.float32, "auto"):
+                raise ModelError(
+                    "a .gguf file loads as float32 only; for another dtype or quantization, convert it once "
+                    "(an alias does: `retain models --prepare NAME`) and load the converted folder",
+                    field="model_name_or_path",
+                )
             return _load_gguf(path)
         local_only = path.exists()
         if not local_only and not _looks_like_hub_id(name):
@@ -86,7 +147,7 @@ def load_model(
             trust_remote_code=False,
             local_files_only=local_only,
             use_safetensors=True,
-            dtype=torch.float32,
+            **options,
         )
     except (OSError, ValueError) as exc:
         reason = " ".join(str(exc).split()).split(". ")[0][:200]

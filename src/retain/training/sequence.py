@@ -83,6 +83,10 @@ class Session:
         self.state_ = PartialState()
         self.output_dir = Path(config.training.output_dir)
         check_output_dir(self.output_dir)
+        if config.model.device_map and self.state_.num_processes > 1:
+            raise ConfigError(
+                "places the model in one process; with several, the launcher places it", field="device_map"
+            )
         self.method: CLMethod = load_method(config.cl.cl_method)(config)
         self.data: list[TaskData] = load_tasks(config.data)
         first_id = config.cl.current_task_id or 1
@@ -110,8 +114,11 @@ class Session:
             self.method.encode_task(task_data, self.builder, self.config.data.cutoff_len)
         set_seed(self.config.training.seed)  # adapter initialisation depends on the seed only
         self.model = self.method.prepare_model(model, tokenizer)
-        training = self.config.training
-        if training.device.type != "cpu" and not (training.deepspeed or training.fsdp):
+        training, placed = (
+            self.config.training,
+            self.config.model.device_map or self.config.model.quantization_bit,
+        )
+        if training.device.type != "cpu" and not (training.deepspeed or training.fsdp or placed):
             # Row 0 and `retain eval` run before any Trainer exists: put the model where it trains.
             self.model.to(training.device)
 
