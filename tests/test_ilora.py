@@ -530,7 +530,7 @@ def test_ema_recurrence_handover_and_previous_task_model(tiny_config, tmp_path):
         )
     )
     third.load()
-    third._restore(0)
+    third.restore(0)
     third.method.begin_task(third.model, third.tasks[0], third.data[0])
     assert_same(snapshot(third.model, "default"), recorder.updates[1][-1][0])
     assert_same(snapshot(third.model, "ema"), recorder.updates[1][-1][0])
@@ -576,7 +576,7 @@ def test_three_task_run_writes_the_seed_layout(tiny_config, tmp_path):
     # A new process restores task 3's state from disk exactly and scores it the same (with `ema`).
     later = Session(parse_config(values))
     later.load()
-    later._restore(3)
+    later.restore(3)
     assert_same(snapshot(later.model, "ema"), snapshot(session.model, "ema"))
     assert_same(snapshot(later.model, "default"), snapshot(session.model, "default"))
     assert later.method.buffer.rows == session.method.buffer.rows

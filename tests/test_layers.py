@@ -36,6 +36,7 @@ LAYERS = [
             "retain.api",
             "retain.workflow",
             "retain.study",
+            "retain.export",
             "retain.cl.ilora.ilora_workflow",
         ],
     ),

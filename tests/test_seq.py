@@ -66,7 +66,7 @@ def test_previous_task_model_starts_a_new_process_from_a_saved_task(tiny_config,
         )
     )
     second.load()
-    second._restore(0)
+    second.restore(0)
     for k, v in adapter_parameters(second.model, "default").items():
         assert torch.equal(v, trained[k])
     assert second.tasks[0].id == 2

@@ -155,6 +155,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     return study.main(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from retain import export
+
+    return export.main(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from retain.bench import run
 
@@ -204,6 +210,14 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     add_study_arguments(p)
     for flag in ("--debug", "--verbose"):
         p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p = sub.add_parser(
+        "export",
+        help="write a run's trained weights as PEFT adapter folder(s), or with --merge as a full model",
+        description="Exports the state after a task of a finished or partial run (see retain.export).",
+    )
+    from retain.export import add_arguments as add_export_arguments
+
+    add_export_arguments(p)
     p = sub.add_parser("report", help="rebuild the report from a run's metrics.json")
     p.add_argument("run_dir")
     p = sub.add_parser("models", help="list the offline model aliases, or prepare them")
@@ -289,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": cmd_bench,
         "cl_workflow": cmd_workflow,
         "study": cmd_study,
+        "export": cmd_export,
     }
     try:
         return handlers[args.command](args)

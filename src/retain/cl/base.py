@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from retain.cl.loss import LossTerms
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -50,6 +52,8 @@ class CLMethod:
         self.args = config.method_args
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.tasks: list[Task] = []
+        #: Named terms of the loss for the training log (`retain.cl.loss.LossTerms`); add them in `compute_loss`.
+        self.loss_terms = LossTerms()
 
     @property
     def name(self) -> str:
@@ -135,6 +139,19 @@ class CLMethod:
         Called on every process after `begin_task` and before the Trainer restores its own part of
         the checkpoint. Default: nothing.
         """
+
+    # ---- export ---------------------------------------------------------------------------
+    def export(self, model: torch.nn.Module, directory: Path) -> list[Path]:
+        """Write what a user serves after the restored task as PEFT adapter folder(s) under `directory`;
+        return the folders (`retain export` merges each into the base with --merge).
+
+        Default: the adapter `default`, in `directory` itself. A method whose evaluated weights are
+        elsewhere overrides this (I-LoRA: its `ema` adapter; stacked LoRAs: merged into one).
+        """
+        from retain.model.adapters import save_adapter
+
+        save_adapter(model, "default", directory)
+        return [directory]
 
     # ---- evaluation -----------------------------------------------------------------
     @contextlib.contextmanager

@@ -141,7 +141,7 @@ class Session:
             atomic_write_text(self.run_dir / CONFIG_FILE, text)
 
     # ---- model state -----------------------------------------------------------------------
-    def _restore(self, task_id: int) -> None:
+    def restore(self, task_id: int) -> None:
         """Make the model hold the state saved after task `task_id` (0: the fresh start)."""
         if self.model_at == task_id:
             return
@@ -165,7 +165,7 @@ class Session:
     # ---- training ---------------------------------------------------------------------------
     def train_task(self, task: Task, data: TaskData) -> None:
         cfg = self.config
-        self._restore(self._prev_id(task))
+        self.restore(self._prev_id(task))
         set_seed(cfg.training.seed)
         self.method.begin_task(self.model, task, data)
         rows = self.method.training_rows(task, data.train_rows)
@@ -268,7 +268,7 @@ class Session:
         if not todo:
             return
         if row > 0:
-            self._restore(self.tasks[row - 1].id)
+            self.restore(self.tasks[row - 1].id)
         for column in todo:
             self.state.matrix[row][column] = self.evaluate_entry(row, column)
             self.save_state()
@@ -316,7 +316,7 @@ class Session:
 
     def _run_tasks(self, train: bool, evaluate: bool) -> None:
         if evaluate and self.config.cl.eval_base and self.tasks[0].id == 1:
-            self._restore(0)
+            self.restore(0)
             self.evaluate_row(0)
         main = self.state_.is_main_process
         for task, data in tqdm(list(zip(self.tasks, self.data, strict=True)), desc="tasks", disable=not main):

@@ -43,6 +43,7 @@ from retain.model.adapters import (
     activate_adapter,
     adapter_parameters,
     paired_parameters,
+    save_adapter,
     set_trainable,
     tuner_layers,
     use_adapter,
@@ -352,6 +353,11 @@ class ILORA(CLMethod):
         else:
             with use_adapter(model, self.args.ilora_eval_adapter, self._layers):
                 yield
+
+    def export(self, model, directory: Path) -> list[Path]:
+        """The adapter that answers at evaluation (`ilora_eval_adapter`, the EMA one by default)."""
+        save_adapter(model, self.args.ilora_eval_adapter, directory)
+        return [directory]
 
     def base_evaluation_key(self) -> str | None:
         return "generative"  # the base row is the plain model, adapters off, with greedy generation
