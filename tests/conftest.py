@@ -81,3 +81,14 @@ def tiny_config(data_dir: Path, tmp_path: Path):
         return values
 
     return make
+
+
+#: Per-method settings that keep a tiny run tiny (the cross-method matrices use them): generative rehearsal
+#: writes a few rows instead of hundreds, EWC's Fisher reads a few rows, peft trains LoRA adapters.
+SMALL_METHOD_VALUES = {
+    "peft": {"PEFT_type": "LoRA", "lora_rank": None},
+    "ewc": {"ewc_num_samples": 8},
+    "lamol": {"lamol_num_samples_per_task": 4},
+    "pseudo_replay": {"num_samples_per_task": 4},
+    "ssr": {"pseudo_sample_memory": 4, "n_clusters": 2, "ssr_num_candidates": 8},
+}

@@ -13,12 +13,10 @@ from retain.hparams.args import FinetuningArguments
 from retain.model.adapters import add_lora, lora_config
 from retain.model.tiny import ARCHITECTURES, build_tiny_model, build_tiny_tokenizer
 from retain.training.sequence import Session
-from tests.conftest import small_tasks, write_task_family
+from tests.conftest import SMALL_METHOD_VALUES, small_tasks, write_task_family
 
 #: Per-method overrides for the matrix; a method without an entry runs with its defaults.
-METHOD_VALUES = {
-    "peft": {"PEFT_type": "LoRA", "lora_rank": None},
-}
+METHOD_VALUES = SMALL_METHOD_VALUES
 GENERATIVE = sorted(method_specs())
 
 
@@ -26,7 +24,7 @@ GENERATIVE = sorted(method_specs())
 def tasks_with_a_system_prompt(tmp_path_factory):
     root = write_task_family(tmp_path_factory.mktemp("arch") / "data", small_tasks(2, rows=8))
     info = json.loads((root / "dataset_info.json").read_text())
-    for name, entry in info.items():  # every row gets a system text: Gemma's template has no system role
+    for entry in info.values():  # every row gets a system text: Gemma's template has no system role
         rows = json.loads((root / entry["file_name"]).read_text())
         (root / entry["file_name"]).write_text(json.dumps([{**row, "system": "Be brief."} for row in rows]))
         entry["columns"] = {"system": "system"}
@@ -98,7 +96,9 @@ def test_named_targets_resolve_per_architecture():
     assert sum(isinstance(m, BaseTunerLayer) for m in adapted.modules()) == 4  # one per layer
     with pytest.raises(ModelError, match=r"'q_proj' .* this model's linear layers: c_attn, c_fc, c_proj"):
         add_lora(
-            build_tiny_model("gpt2", tokenizer), "default", lora_config(FinetuningArguments(lora_target="q_proj"))
+            build_tiny_model("gpt2", tokenizer),
+            "default",
+            lora_config(FinetuningArguments(lora_target="q_proj")),
         )
 
 

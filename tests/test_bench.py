@@ -115,6 +115,22 @@ def test_eval(tmp_path, capsys):
     assert "| floor " in printed
 
 
+def test_eval_choice_on_a_task_with_labels(tmp_path, capsys):
+    out, printed = bench(
+        tmp_path,
+        capsys,
+        "eval",
+        *("--tasks", "COPA", "--rows", "3", "--batch-size", "3", "--repeats", "1", "--warmup", "0"),
+        "--skip-naive",
+    )
+    assert out["settings"]["variants"] == ["batched", "ours", "floor", "cached", "choice"]
+    task = out["tasks"]["COPA"]
+    assert len(task["samples_s"]["choice"]) == 1 and out["ratios"]["choice"] > 0
+    assert 0 <= task["mismatches"]["choice_vs_ours_labels"] <= 3
+    assert task["accuracy"]["choice"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert "| choice " in printed
+
+
 def test_scaling(tmp_path, capsys):
     out, printed = bench(
         tmp_path,
@@ -154,12 +170,15 @@ def test_cil(tmp_path, capsys):
     for length in ("1", "2"):
         r = out["results"][length]
         assert r["examples"] == 3 * int(length)
-        assert {k: len(v) for k, v in r["samples_s"].items()} == {"all": 2, "hard": 2}
+        assert {k: len(v) for k, v in r["samples_s"].items()} == {"all": 2, "hard": 2, "soft": 2}
         assert out["samples"][length] == r["samples_s"]
         medians = {k: statistics.median(v) for k, v in r["samples_s"].items()}
         assert r["medians_s"] == pytest.approx(medians)
         assert out["ratios"][length] == pytest.approx(medians["all"] / medians["hard"])
+        assert r["ratio_soft_over_hard"] == pytest.approx(medians["soft"] / medians["hard"])
         assert 0.0 <= r["router_accuracy"] <= 1.0
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
     assert out["results"]["1"]["router_accuracy"] == 1.0  # one task: every row is routed to it
+    one = out["results"]["1"]["accuracy"]  # one task: the three routings answer alike
+    assert one["all"] == one["hard"] == one["soft"]
     assert "all / hard" in printed

@@ -223,7 +223,9 @@ def test_retain_benchmarks_lists_orders_tasks_rows_and_labels(capsys):
 
     assert main(["benchmarks"]) == 0
     out = capsys.readouterr().out
-    assert "order short1: agnews, SST-2, MNLI, COPA" in out and "order standard: dbpedia, amazon, agnews" in out
+    assert (
+        "order short1: agnews, SST-2, MNLI, COPA" in out and "order standard: dbpedia, amazon, agnews" in out
+    )
     cb = next(line for line in out.splitlines() if line.strip().startswith("CB "))
     assert cb.split()[1:4] == ["225", "25", "56"] and "entailment, contradiction, neutral" in cb
 

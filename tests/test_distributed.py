@@ -75,6 +75,15 @@ sys.exit(code)
 """
 
 
+def free_port() -> int:
+    """A port nobody listens on now: parallel test runs must not share the rendezvous port."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(
     config: Path, processes: int, script: Path | None = None, *args: str
 ) -> subprocess.CompletedProcess:
@@ -82,7 +91,7 @@ def launch(
     # Trainer then runs DDP over gloo, exactly as under `accelerate launch` on GPUs.
     target = [str(script)] if script else ["-m", "retain", "run"]
     if processes > 1:
-        command = [str(TORCHRUN), "--nproc_per_node", str(processes), "--master_port", "29533"]
+        command = [str(TORCHRUN), "--nproc_per_node", str(processes), "--master_port", str(free_port())]
     else:
         command = [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -100,15 +109,43 @@ def losses(run_dir: Path, task_id: int) -> list[float]:
 #: dropout here: each process draws its own dropout masks, which would change the losses.
 EXACT_METHODS = {
     "seq": {},
+    "replay": {"replay_ratio": 0.5},  # the kept shares are drawn by (seed, task): the same on every rank
+    "multitask": {},
     "peft": {"PEFT_type": "LoRA", "PEFT_lora_dropout": 0.0, "lora_rank": None, "max_new_tokens": 4},
+    # Stacked LoRAs: the penalties depend on the (identical) adapters only, so every rank adds the same.
+    "olora": {"max_new_tokens": 4},
+    "nlora": {"nlora_lambda": 0.001, "max_new_tokens": 4},
+    # InfLoRA: every rank reads the same rows in batches of per_device_eval_batch_size (not the training
+    # batch), so the designed A and the subspaces equal one process's; rank 0's are broadcast anyway.
+    "inflora": {"max_new_tokens": 4},
+    # LwF: the teacher pass runs in eval mode (no dropout), so each rank's KL is deterministic.
+    "lwf": {"max_new_tokens": 4},
+    # Generative rehearsal: batch k of a sampled generation is drawn with seed + k whatever the process
+    # count, and the processes gather every row, so all hold the same pseudo-rows as one process (see
+    # also test_lamol_processes_write_the_same_rows). LAMOL's generation loss is a token mean over both
+    # processes' generation tokens.
+    "lamol": {"lamol_num_samples_per_task": 4, "max_new_tokens": 4},
+    "pseudo_replay": {"num_samples_per_task": 4, "max_new_tokens": 4},
+    "ssr": {"pseudo_sample_memory": 4, "n_clusters": 2, "max_new_tokens": 4},
 }
+#: `peft` with a Linear head per task on the tiny Llama's hidden states (pooling 'last'): CIL with the
+#: NewLoRA router, TIL without. Heads need two labels per task: the `data_dir` tasks (yes/no, red/blue).
+PEFT_HEADS = {
+    "PEFT_type": "LoRA",
+    "PEFT_lora_dropout": 0.0,
+    "lora_rank": None,
+    "classifier": "Linear",
+    "pooling": "last",
+}
+EXACT_METHODS["peft-heads-CIL"] = {**PEFT_HEADS, "il_mode": "CIL", "Sub_PEFT_type": "NewLoRA"}
+EXACT_METHODS["peft-heads-TIL"] = {**PEFT_HEADS, "il_mode": "TIL", "Sub_PEFT_type": "None"}
 
 
 @pytest.mark.parametrize("method", sorted(EXACT_METHODS))
-def test_two_processes_match_one(method, tiny_config, learnable_dir, tmp_path):
+def test_two_processes_match_one(method, tiny_config, learnable_dir, data_dir, tmp_path):
     base = tiny_config(
-        cl_method=method,
-        dataset_dir=str(learnable_dir),
+        cl_method=method.split("-")[0],
+        dataset_dir=str(data_dir if "heads" in method else learnable_dir),
         cl_tasks="task0,task1",
         logging_steps=1,
         learning_rate=1e-2,
@@ -202,4 +239,337 @@ def test_ilora_two_processes_match_one(tiny_config, learnable_dir, tmp_path):
         if task_id == 1:  # no replay yet: the same rows, only the reduction order differs
             assert got[0] == pytest.approx(expected[0], abs=1e-4)
         assert got == pytest.approx(expected, abs=0.02)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+#: Like RANK_PROBE, for EWC: after each task every rank dumps its running Fisher and theta*.
+EWC_PROBE = """
+import os, sys
+from pathlib import Path
+
+import retain.cl.ewc.method as ewc_module
+import retain.cli
+from safetensors.torch import save_file
+
+rank = int(os.environ.get("RANK", "0"))
+config, dumps = sys.argv[1], Path(sys.argv[2])
+end_task = ewc_module.EWC.end_task
+
+
+def end_task_and_dump(self, model, task, data):
+    end_task(self, model, task, data)
+    tensors = {f"fisher/{k}": f.cpu() for k, f in zip(self.keys, self.fisher)}
+    tensors.update({f"anchor/{k}": a.cpu() for k, a in zip(self.keys, self.anchor)})
+    save_file(tensors, str(dumps / f"ewc_task{task.id}_rank{rank}.safetensors"))
+
+
+ewc_module.EWC.end_task = end_task_and_dump
+sys.exit(retain.cli.main(["run", config]))
+"""
+
+
+def test_ewc_two_processes_match_one_and_hold_the_same_fisher(tiny_config, learnable_dir, tmp_path):
+    """A 2-task EWC run: 2 processes x batch 2 against 1 process x batch 4, the same global batch.
+
+    Every rank computes the Fisher on the same rows with the same (all-reduced) weights, so the
+    ranks hold bit-identical state; the penalty is the same on every rank and enters the loss once.
+    """
+    base = tiny_config(
+        cl_method="ewc",
+        dataset_dir=str(learnable_dir),
+        cl_tasks="task0,task1",
+        logging_steps=1,
+        learning_rate=1e-2,
+        ewc_num_samples=8,
+        max_new_tokens=4,
+    )
+    script = tmp_path / "ewc_probe.py"
+    script.write_text(EWC_PROBE)
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
+        dumps.mkdir()
+        config = tmp_path / f"p{processes}.yaml"
+        config.write_text(
+            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
+        )
+        result = launch(config, processes, script, str(dumps))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = (out, dumps)
+
+    (one, dumps_one), (two, dumps) = runs[1], runs[2]
+    for task_id in (1, 2):
+        rank0 = load_file(str(dumps / f"ewc_task{task_id}_rank0.safetensors"))
+        rank1 = load_file(str(dumps / f"ewc_task{task_id}_rank1.safetensors"))
+        assert rank0.keys() == rank1.keys() and rank0
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        saved = load_file(str(two / f"task_{task_id}" / "ewc_state.safetensors"))
+        assert saved.keys() == rank0.keys() and all(torch.equal(saved[k], rank0[k]) for k in rank0)
+        single = load_file(str(dumps_one / f"ewc_task{task_id}_rank0.safetensors"))
+        for k in single:  # the same weights up to the reduction order
+            torch.testing.assert_close(rank0[k], single[k], atol=1e-7, rtol=1e-3)
+        expected, got = losses(one, task_id), losses(two, task_id)
+        assert len(expected) == len(got) > 1
+        assert got == pytest.approx(expected, abs=1e-4)
+    # The penalty is logged once per step, averaged over ranks like `loss`.
+    history = json.loads((two / "logs" / "train_task_2.json").read_text())
+    entries = [e for e in history if "loss" in e]
+    assert all(e["loss_ewc"] > 0 for e in entries[1:])
+    assert all(e["loss"] == pytest.approx(e["loss_ce"] + e["loss_ewc"], rel=1e-5) for e in entries)
+    matrix_one = json.loads((one / "metrics.json").read_text())["matrix"]
+    assert json.loads((two / "metrics.json").read_text())["matrix"] == matrix_one
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+#: Like RANK_PROBE, for GEM and A-GEM: after each task every rank dumps its adapter and its memories.
+PROJECTION_PROBE = """
+import os, sys
+from pathlib import Path
+
+import retain.cl.projection.method as projection_module
+import retain.cli
+from retain.model.adapters import adapter_parameters
+from safetensors.torch import save_file
+
+rank = int(os.environ.get("RANK", "0"))
+config, dumps = sys.argv[1], Path(sys.argv[2])
+end_task = projection_module.GradientProjection.end_task
+
+
+def end_task_and_dump(self, model, task, data):
+    end_task(self, model, task, data)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_parameters(model, "default").items()}
+    save_file(tensors, str(dumps / f"adapter_task{task.id}_rank{rank}.safetensors"))
+    self.memory.save(dumps / f"memory_task{task.id}_rank{rank}.safetensors")
+
+
+projection_module.GradientProjection.end_task = end_task_and_dump
+sys.exit(retain.cli.main(["run", config]))
+"""
+
+
+@pytest.mark.parametrize("method", ["gem", "agem"])
+def test_projection_two_processes_match_one_and_stay_identical(method, tiny_config, learnable_dir, tmp_path):
+    """A 2-task GEM / A-GEM run: 2 processes x batch 2 against 1 process x batch 4, the same global batch.
+
+    The reference batch (by default the step's global batch, 4 rows) is split over the processes and its
+    gradient all-reduced, so every rank projects the same all-reduced gradient against the same reference
+    gradients: the adapters stay bit-identical across ranks, and the run matches one process up to the
+    reduction order (losses to 1e-4, as for `seq`).
+    """
+    base = tiny_config(
+        cl_method=method,
+        dataset_dir=str(learnable_dir),
+        cl_tasks="task0,task1",
+        logging_steps=1,
+        learning_rate=1e-2,
+        num_train_epochs=2,
+        max_new_tokens=4,
+    )
+    script = tmp_path / "projection_probe.py"
+    script.write_text(PROJECTION_PROBE)
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
+        dumps.mkdir()
+        config = tmp_path / f"p{processes}.yaml"
+        config.write_text(
+            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
+        )
+        result = launch(config, processes, script, str(dumps))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = (out, dumps)
+
+    (one, dumps_one), (two, dumps) = runs[1], runs[2]
+    for task_id in (1, 2):
+        rank0 = load_file(str(dumps / f"adapter_task{task_id}_rank0.safetensors"))
+        rank1 = load_file(str(dumps / f"adapter_task{task_id}_rank1.safetensors"))
+        assert rank0.keys() == rank1.keys() and rank0
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' adapters must not drift apart"
+        memories = [(dumps / f"memory_task{task_id}_rank{r}.safetensors").read_bytes() for r in (0, 1)]
+        single = (dumps_one / f"memory_task{task_id}_rank0.safetensors").read_bytes()
+        assert memories[0] == memories[1] == single
+        expected, got = losses(one, task_id), losses(two, task_id)
+        assert len(expected) == len(got) > 1
+        assert got == pytest.approx(expected, abs=1e-4)
+    key = f"{method}_projected"
+    history = [e for e in json.loads((two / "logs" / "train_task_2.json").read_text()) if "loss" in e]
+    single = [e for e in json.loads((one / "logs" / "train_task_2.json").read_text()) if "loss" in e]
+    assert sum(e[key] for e in history) > 0, "some step of task 2 must be projected"
+    assert [e[key] for e in history] == [e[key] for e in single]
+    matrix_one = json.loads((one / "metrics.json").read_text())["matrix"]
+    assert json.loads((two / "metrics.json").read_text())["matrix"] == matrix_one
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+#: Like RANK_PROBE, for LAMOL: every rank dumps the rows it trains with next to each task.
+LAMOL_PROBE = """
+import json, os, sys
+from pathlib import Path
+
+import retain.cl.lamol.method as lamol_module
+import retain.cli
+
+rank = int(os.environ.get("RANK", "0"))
+config, dumps = sys.argv[1], Path(sys.argv[2])
+begin_task = lamol_module.LAMOL.begin_task
+
+
+def begin_task_and_dump(self, model, task, data):
+    begin_task(self, model, task, data)
+    (dumps / f"rows_task{task.id}_rank{rank}.json").write_text(json.dumps(self.current))
+
+
+lamol_module.LAMOL.begin_task = begin_task_and_dump
+sys.exit(retain.cli.main(["run", config]))
+"""
+
+
+def test_lamol_processes_write_the_same_rows(tiny_config, learnable_dir, tmp_path):
+    """A 2-task LAMOL run trained long enough (16 epochs, gamma 1) to write well-formed rows of task 0 before
+    task 1: 2 processes x batch 2 against 1 process x batch 4.
+
+    Every rank holds the rows the single process writes (seeded batches, gathered). Tolerance: over 64
+    optimizer steps at learning rate 1e-2 the reduction-order differences of the two set-ups grow (to
+    about 3e-4 relative by the end of task 0 here, as they would for `seq`), so task 0's losses agree to
+    1e-3 relative instead of `EXACT_METHODS`' 1e-4 absolute; the sampled rows, at temperature 0.05, do
+    not move. Task 1 trains 16 rows plus the written ones: a count that is not a multiple of the global
+    batch, for which the distributed sampler composes the steps differently from one process (an
+    engine property, not LAMOL's), so only its step count and the matrix are compared.
+    """
+    base = tiny_config(
+        cl_method="lamol",
+        dataset_dir=str(learnable_dir),
+        cl_tasks="task0,task1",
+        logging_steps=1,
+        learning_rate=1e-2,
+        num_train_epochs=16,
+        lamol_gamma=1.0,
+        lamol_num_samples_per_task=8,
+        lamol_generation_temperature=0.05,
+        max_new_tokens=4,
+        eval_base=False,
+    )
+    script = tmp_path / "lamol_probe.py"
+    script.write_text(LAMOL_PROBE)
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
+        dumps.mkdir()
+        config = tmp_path / f"p{processes}.yaml"
+        config.write_text(
+            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
+        )
+        result = launch(config, processes, script, str(dumps))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = (out, dumps)
+
+    (one, dumps_one), (two, dumps) = runs[1], runs[2]
+    single = json.loads((dumps_one / "rows_task2_rank0.json").read_text())
+    assert single and all(row["task"] == "task0" for row in single), "the check needs written rows"
+    for rank in (0, 1):
+        assert json.loads((dumps / f"rows_task2_rank{rank}.json").read_text()) == single
+    assert json.loads((two / "pseudo" / "task1.json").read_text()) == single
+    expected, got = losses(one, 1), losses(two, 1)
+    assert len(expected) == len(got) > 1
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert len(losses(one, 2)) == len(losses(two, 2))
+    matrix_one = json.loads((one / "metrics.json").read_text())["matrix"]
+    assert json.loads((two / "metrics.json").read_text())["matrix"] == matrix_one
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+#: DeepSpeed ZeRO-2 through the Trainer, on CPU (gloo): the optimizer states and gradients are partitioned.
+ZERO2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+ZERO2.update(train_batch_size="auto", gradient_accumulation_steps="auto", gradient_clipping="auto")
+
+
+@pytest.mark.parametrize("method", ["seq", "peft", "ilora"])
+def test_deepspeed_zero2_on_two_processes_trains_like_one(method, tiny_config, learnable_dir, tmp_path):
+    """ZeRO-2 with 2 CPU processes x batch 2 against 1 plain process x batch 4: the same losses (seq and peft
+    to 1e-4; ilora's replay rows differ per process, as under DDP: see test_ilora_two_processes_match_one)."""
+    pytest.importorskip("deepspeed")
+    (tmp_path / "ds_z2.json").write_text(json.dumps(ZERO2))
+    base = tiny_config(
+        cl_method=method,
+        dataset_dir=str(learnable_dir),
+        cl_tasks="task0,task1",
+        logging_steps=1,
+        learning_rate=1e-2,
+        max_new_tokens=4,
+        **({"PEFT_type": "LoRA", "PEFT_lora_dropout": 0.0, "lora_rank": None} if method == "peft" else {}),
+        **({"ilora_buffer_size": 8, "lora_dropout": 0.0} if method == "ilora" else {}),
+    )
+    base = {k: v for k, v in base.items() if v is not None}
+    runs = {}
+    for processes, batch, extra in ((1, 4, {}), (2, 2, {"deepspeed": str(tmp_path / "ds_z2.json")})):
+        out = tmp_path / f"p{processes}"
+        config = tmp_path / f"p{processes}.yaml"
+        config.write_text(
+            yaml.safe_dump({**base, **extra, "per_device_train_batch_size": batch, "output_dir": str(out)})
+        )
+        result = launch(config, processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = out
+    for task_id in (1, 2):
+        expected, got = losses(runs[1], task_id), losses(runs[2], task_id)
+        assert len(expected) == len(got) > 0
+        assert got[0] == pytest.approx(expected[0], abs=1e-4)
+        assert got == pytest.approx(expected, abs=1e-4 if method != "ilora" else 0.02)
+    assert json.loads((runs[2] / "metrics.json").read_text())["matrix"][2] is not None
+
+
+#: After each InfLoRA task every rank dumps its stored subspaces and the task's designed A.
+INFLORA_PROBE = """
+import os, sys
+from pathlib import Path
+
+import retain.cl.inflora.method as inflora_module
+import retain.cli
+from safetensors.torch import save_file
+
+rank = int(os.environ.get("RANK", "0"))
+config, dumps = sys.argv[1], Path(sys.argv[2])
+end_task = inflora_module.InfLoRA.end_task
+
+
+def end_task_and_dump(self, model, task, data):
+    end_task(self, model, task, data)
+    tensors = {f"basis/{n}": b.cpu().contiguous() for n, b in zip(self.names, self.bases)}
+    name = f"task-{task.id}"
+    tensors.update({f"a/{n}": l.lora_A[name].weight.detach().cpu() for n, l in zip(self.names, self.layers)})
+    save_file(tensors, str(dumps / f"inflora_task{task.id}_rank{rank}.safetensors"))
+
+
+inflora_module.InfLoRA.end_task = end_task_and_dump
+sys.exit(retain.cli.main(["run", config]))
+"""
+
+
+def test_inflora_ranks_hold_the_same_subspaces_and_loras(tiny_config, learnable_dir, tmp_path):
+    """Two processes: after each task both ranks hold bit-identical subspaces and designed A, and rank 0's
+    are what the task directory saves (test_two_processes_match_one compares the run with one process)."""
+    base = tiny_config(
+        cl_method="inflora",
+        dataset_dir=str(learnable_dir),
+        cl_tasks="task0,task1",
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        max_new_tokens=4,
+        output_dir=str(tmp_path / "p2"),
+    )
+    script, dumps, config = tmp_path / "inflora_probe.py", tmp_path / "dumps", tmp_path / "p2.yaml"
+    script.write_text(INFLORA_PROBE)
+    dumps.mkdir()
+    config.write_text(yaml.safe_dump(base))
+    result = launch(config, 2, script, str(dumps))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task_id in (1, 2):
+        rank0 = load_file(str(dumps / f"inflora_task{task_id}_rank0.safetensors"))
+        rank1 = load_file(str(dumps / f"inflora_task{task_id}_rank1.safetensors"))
+        assert rank0.keys() == rank1.keys() and rank0
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        assert any(v.shape[1] > 0 for k, v in rank0.items() if k.startswith("basis/"))
+        saved = load_file(str(tmp_path / "p2" / f"task_{task_id}" / "inflora_state.safetensors"))
+        assert all(torch.equal(saved[k], rank0[k]) for k in saved) and len(saved) == len(rank0) // 2
     shutil.rmtree(tmp_path, ignore_errors=True)

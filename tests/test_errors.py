@@ -253,3 +253,35 @@ def test_wall_time_covers_every_invocation(tiny_config, tmp_path, capsys, monkey
     # two seconds (task 1 again, task 2) are added to it.
     assert first["wall_time_s"] >= 1.0
     assert metrics["wall_time_s"] >= first["wall_time_s"] + 2.0
+
+
+def test_methods_that_keep_whole_weights_refuse_sharded_parameters(tmp_path):
+    from types import SimpleNamespace
+
+    from retain.cl.registry import load_method
+    from retain.errors import ConfigError
+    from retain.training.sequence import check_sharding, shards_parameters
+
+    stage3, stage2 = tmp_path / "z3.json", tmp_path / "z2.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+
+    def config(deepspeed=None, fsdp=""):
+        return SimpleNamespace(training=SimpleNamespace(deepspeed=deepspeed, fsdp=fsdp))
+
+    assert shards_parameters(config(str(stage3)).training) and shards_parameters(
+        config(fsdp="full_shard").training
+    )
+    assert not shards_parameters(config(str(stage2)).training) and not shards_parameters(config().training)
+    assert shards_parameters(config({"zero_optimization": {"stage": 3}}).training)
+    for name in ("ilora", "ewc", "lwf", "olora", "nlora", "inflora", "gem", "agem", "multitask"):
+        method = SimpleNamespace(name=name, sharding_limit=load_method(name).sharding_limit)
+        assert method.sharding_limit, name
+        with pytest.raises(
+            ConfigError, match=f"cl_method {name} cannot train with sharded parameters"
+        ) as err:
+            check_sharding(config(str(stage3)), method)
+        assert err.value.field == "deepspeed"
+        check_sharding(config(str(stage2)), method)  # ZeRO-2 keeps whole parameters on every process
+    for name in ("seq", "replay"):
+        assert load_method(name).sharding_limit is None

@@ -141,3 +141,27 @@ def test_peft_exports_one_folder_per_task_with_its_head(tmp_path):
         assert head_labels == labels and all(torch.equal(head.state_dict()[k], saved[k]) for k in saved)
     with pytest.raises(RetainError, match="classifier heads stay adapters"):
         export_run(tmp_path / "run", tmp_path / "merged", merge=True)
+
+
+def test_a_stack_exports_as_one_lora_that_answers_as_the_stack(tiny_config, learnable_dir, tmp_path):
+    import retain
+    from retain.cl.registry import parse_config
+    from retain.training.sequence import Session
+
+    values = tiny_config(
+        cl_method="olora", dataset_dir=str(learnable_dir), cl_tasks="task0,task1", learning_rate=1e-2
+    )
+    retain.run(values)
+    export_run(tmp_path / "run", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["r"] == 2 * 4 and config["lora_alpha"] == 2 * 8  # two tasks' LoRAs, rank 4, alpha 8 each
+    session = Session(parse_config(values))
+    session.load()
+    session.restore(2)
+    tokenizer = build_tiny_tokenizer()
+    exported = PeftModel.from_pretrained(build_tiny_model("llama", tokenizer), str(tmp_path / "out"))
+    ids = torch.tensor([tokenizer("Task 1. item 3", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), session.method.evaluation(session.model, session.tasks[1], session.tasks[0]):
+        stacked = session.model(input_ids=ids).logits
+        merged = exported(input_ids=ids).logits
+    torch.testing.assert_close(merged, stacked, atol=1e-5, rtol=1e-5)

@@ -669,3 +669,34 @@ def test_seed_ilora_trainer_wires_the_method_and_its_ema_callback(tiny_config, t
         ILORATrainer(
             model=session.model, args=session.config.training, method=object(), task=Task(0, "task0")
         )
+
+
+def test_split_pass_gives_the_joined_gradients_one_half_at_a_time(tiny_config):
+    """`ilora_pass: split` backpropagates L_cur / 2, then L_buf / 2 + w * l_cons: the same loss and gradients
+    as the joined pass, with one half's activations alive at a time."""
+    grads, losses, parts = {}, {}, {}
+    for mode in ("joined", "split"):
+        torch.manual_seed(0)  # the same adapter initialisation for both
+        method, model, tokenizer = bare_method(
+            tiny_config, ilora_pass=mode, consistency_weight=2.0, ilora_replay_batch_size=6
+        )
+        for row in random_rows(12, seed=7):
+            method.buffer.add(row)
+        perturb(model, "ema", seed=3, scale=0.2)
+        model.train()
+        batch = pad_batch(random_rows(8, seed=11), tokenizer.pad_token_id)
+        method.begin_step([batch])
+        pieces = method.loss_parts(model, batch, LossScale(num_items=label_count(batch)))
+        parts[mode] = len(pieces)
+        total = 0.0
+        for piece in pieces:
+            value = piece()
+            value.backward()  # as CLTrainer does: each part's graph is freed before the next part runs
+            total = total + value.detach()
+        losses[mode] = total
+        grads[mode] = {k: p.grad.clone() for k, p in adapter_parameters(model, "default").items()}
+        assert all(p.grad is None for p in adapter_parameters(model, "ema").values())
+    assert parts == {"joined": 1, "split": 2}
+    torch.testing.assert_close(losses["split"], losses["joined"], atol=1e-5, rtol=1e-5)
+    for key in grads["joined"]:
+        torch.testing.assert_close(grads["split"][key], grads["joined"][key], atol=1e-6, rtol=1e-4)

@@ -12,7 +12,7 @@ from retain.hparams.args import ModelArguments
 from retain.model.adapters import adapter_parameters, add_lora, lora_config
 from retain.model.loader import load_model
 from retain.training.sequence import Session
-from tests.conftest import small_tasks, write_task_family
+from tests.conftest import SMALL_METHOD_VALUES, small_tasks, write_task_family
 
 TINY = "tiny-random-llama"
 
@@ -79,7 +79,7 @@ def two_tasks(tmp_path_factory):
     return write_task_family(tmp_path_factory.mktemp("q") / "data", small_tasks(2, rows=8))
 
 
-METHOD_VALUES = {"peft": {"PEFT_type": "LoRA", "lora_rank": None}}
+METHOD_VALUES = SMALL_METHOD_VALUES
 
 
 @pytest.mark.slow

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from retain.cl.loss import LossScale
+from retain.cl.pertask.adapters import adapter_name
 from retain.cl.pertask.config import PEFTArguments
+from retain.cl.pertask.encoding import EvalRows
+from retain.cl.pertask.evaluation import evaluation_mode, word_score
 from retain.cl.pertask.heads import CosineLinear, last_real_index, pool
 from retain.cl.pertask.labels import LabelSpace, map_word_targets
-from retain.cl.pertask.method import adapter_name
 from retain.cl.pertask.router import TaskRouter, preference_sum, route
 from retain.cl.pertask.tagging import encode_words, entity_f1, entity_spans
 from retain.cl.registry import parse_config
@@ -71,11 +73,20 @@ def test_bad_arguments_name_their_field(values, field):
     assert info.value.field == field
 
 
-def test_engine_lora_keys_are_refused(tmp_path, data_dir):
-    config = parse_config(peft_values(tmp_path, data_dir, lora_rank=8))
-    with pytest.raises(ConfigError) as info:
-        Session(config)
-    assert info.value.field == "lora_rank" and "PEFT_lora_r" in str(info.value)
+def test_engine_lora_keys_are_noted_not_used(tmp_path, data_dir):
+    # A re-run from a run's config.yaml (every key resolved) and EasyCL-shaped configs carry lora_rank:
+    # the task adapters keep PEFT_lora_r, and the run says so.
+    session = Session(
+        parse_config(peft_values(tmp_path, data_dir, lora_rank=8, PEFT_lora_r=2, PEFT_type="LoRA"))
+    )
+    assert any(
+        "'lora_rank' is not used by cl_method peft" in n and "PEFT_lora_r (2)" in n
+        for n in session.config.notes
+    )
+    session.load()
+    assert {c.r for c in session.method.adapters.peft.peft_config.values()} == {2}
+    same = Session(parse_config(peft_values(tmp_path / "b", data_dir, lora_rank=2, PEFT_lora_r=2)))
+    assert not any("lora_rank" in n for n in same.config.notes)
 
 
 # ---- heads and features ----------------------------------------------------------------------------
@@ -133,15 +144,15 @@ def test_prompt_tuning_features_come_from_the_last_real_token_after_the_soft_pro
     peft = method.peft
     ids = torch.tensor([[40, 41, 42, 43], [50, 51, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    hidden, virtual = method._hidden(ids, mask, 0)
+    hidden, virtual = model.hidden(ids, mask, 0)
     assert virtual == 4 and hidden.shape[1] == 8
     # The soft prompt goes in front: recompute by hand with the prompt embeddings prepended.
     prompt = peft.prompt_encoder[adapter_name(0)].embedding.weight
     embeds = torch.cat([prompt.expand(2, -1, -1), peft.word_embeddings(ids)], dim=1)
     full_mask = torch.cat([torch.ones(2, 4, dtype=torch.long), mask], dim=1)
     manual = peft.base_model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
-    features = pool(hidden, mask, method.pooling, virtual)
-    assert method.pooling == "last"
+    features = pool(hidden, mask, model.pooling, virtual)
+    assert model.pooling == "last"
     torch.testing.assert_close(features, torch.stack([manual[0, 4 + 3], manual[1, 4 + 1]]))
 
 
@@ -268,12 +279,12 @@ def test_word_level_O_logit_comes_from_task_0_without_gradients(tmp_path, monkey
     method, model = session.method, session.model
     method.begin_task(model, session.tasks[0], session.data[0])
     with torch.no_grad():  # give task 0 a non-trivial adapter, so a wrong adapter would show
-        for param in method.adapter_params("task-0"):
+        for param in method.adapters.parameters_of("task-0"):
             param.add_(0.05 * torch.randn_like(param))
     method.begin_task(model, session.tasks[1], session.data[1])
     batch = method.collator(session.tokenizer)(session.data[1].train_rows[:3])
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = method._til_logits(model, 1, ids, mask)
+    logits = model.til_logits(1, ids, mask)
     assert logits.shape[-1] == 1 + len(method.space.head_labels(1)) == 3
     method.peft.set_adapter("task-0")
     model.eval()  # the O logit is computed without dropout
@@ -282,14 +293,14 @@ def test_word_level_O_logit_comes_from_task_0_without_gradients(tmp_path, monkey
     ]
     model.train()
     method.peft.set_adapter("task-1")
-    method._apply_trainable(1)
+    method.adapters.set_trainable(1)
     torch.testing.assert_close(logits[..., 0], expected)
     # Training task 1: gradients reach task 1's adapter and head only.
     loss = method.compute_loss(model, batch, LossScale(None))
     loss.backward()
-    assert all(p.grad is None for p in method.adapter_params("task-0"))
+    assert all(p.grad is None for p in method.adapters.parameters_of("task-0"))
     assert all(p.grad is None for p in model.heads["task-0"].parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.adapter_params("task-1"))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.adapters.parameters_of("task-1"))
     assert model.heads["task-1"].weight.grad.abs().sum() > 0
     assert model.router.mlp[0].weight.grad.abs().sum() > 0
 
@@ -300,27 +311,98 @@ def test_router_features_do_not_depend_on_the_active_adapter(tmp_path, monkeypat
     for task, data in zip(session.tasks, session.data, strict=True):
         method.begin_task(model, task, data)
         with torch.no_grad():
-            for param in method.adapter_params(adapter_name(task.index)):
+            for param in method.adapters.parameters_of(adapter_name(task.index)):
                 param.add_(0.1 * torch.randn_like(param))
     batch = method.collator(session.tokenizer)(session.data[0].train_rows[:2])
     ids, mask = batch["input_ids"], batch["attention_mask"]
     method.peft.set_adapter("task-0")
-    with_0 = method._router_features(ids, mask)
+    with_0 = model.router_features(ids, mask)
     method.peft.set_adapter("task-1")
-    with_1 = method._router_features(ids, mask)
+    with_1 = model.router_features(ids, mask)
     torch.testing.assert_close(with_0, with_1)
-    adapted = pool(method._hidden(ids, mask, 1)[0], mask, method.pooling)
+    adapted = pool(model.hidden(ids, mask, 1)[0], mask, model.pooling)
     assert not torch.allclose(adapted, with_1)
 
 
-class _Spy:
-    def __init__(self, method):
-        self.calls = []
-        self.original = method._til_logits
+def test_switching_adapters_inside_the_forward_flips_no_grad_flag(tmp_path, data_dir):
+    """A data-parallel wrapper registers what requires grad once: the forward must not change it."""
+    session = Session(parse_config(peft_values(tmp_path, data_dir, classifier="Linear", PEFT_type="LoRA")))
+    session.load()
+    method, model = session.method, session.model
+    for task, data in zip(session.tasks[:2], session.data[:2], strict=True):
+        method.begin_task(model, task, data)
+        with torch.no_grad():  # LoRA B starts at zero: make each adapter change the features
+            for param in method.adapters.parameters_of(adapter_name(task.index)):
+                param.add_(0.1 * torch.randn_like(param))
+    model.eval()  # no dropout: the passes below must be comparable
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    assert any(flags.values())
+    seen = []
+    model.backbone.register_forward_pre_hook(
+        lambda *_: seen.append({name: p.requires_grad for name, p in model.named_parameters()})
+    )
+    batch = method.collator(session.tokenizer)(session.data[0].train_rows[:2])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    bare, first, second = (model.hidden(ids, mask, index)[0] for index in (None, 0, 1))
+    out = model(input_ids=ids, attention_mask=mask, task_index=1, route=True)
+    assert len(seen) == 5 and all(flags_then == flags for flags_then in seen)
+    assert method.peft.active_adapter == "task-1"
+    # The same features as peft's own switches (which do flip flags, outside a forward here).
+    method.peft.set_adapter("task-0")
+    torch.testing.assert_close(first, method.peft(input_ids=ids, attention_mask=mask).last_hidden_state)
+    with method.peft.disable_adapter():
+        torch.testing.assert_close(bare, method.peft(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert not torch.allclose(first, second) and not torch.allclose(first, bare)
+    torch.testing.assert_close(out.logits, model.heads["task-1"](pool(second, mask, "last")))
+    torch.testing.assert_close(out.router_weights, model.router(pool(bare, mask, "last")))
 
-    def __call__(self, model, index, ids, mask):
+
+def test_evaluation_modes():
+    # (il_mode, routing, trained, evaluated) -> (mode, last task that may answer)
+    assert evaluation_mode("CIL", "all", None, 0) == ("fresh", 0)  # the base row
+    assert evaluation_mode("TIL", "all", 0, 1) == ("fresh", 1)  # task 1 is not trained yet
+    assert evaluation_mode("TIL", "hard", 2, 1) == ("til", 2)
+    assert evaluation_mode("CIL", "all", 2, 1) == ("all", 2)
+    assert evaluation_mode("CIL", "hard", 2, 0) == ("hard", 2)
+    assert evaluation_mode("CIL", "soft", 2, 0) == ("soft", 2)
+
+
+def test_soft_scores_by_hand():
+    from retain.cl.pertask.router import soft_scores
+
+    heads = [torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])]
+    weights = torch.tensor([[0.5, 0.25], [0.1, 0.9]])
+    got = soft_scores(heads, weights)
+    z0 = math.log(math.exp(2.0) + 1.0)  # row 0, head 0: log-softmax of [2, 0]
+    z1 = math.log(math.exp(3.0) + 2.0)  # row 0, head 1: log-softmax of [0, 3, 0]
+    expected_row0 = [
+        2 - z0 + math.log(0.5),
+        -z0 + math.log(0.5),
+        -z1 + math.log(0.25),
+        3 - z1 + math.log(0.25),
+        -z1 + math.log(0.25),
+    ]
+    assert got[0].tolist() == pytest.approx(expected_row0)
+    # One-hot weights: the routed task's head alone decides (hard routing's answer).
+    one_hot = soft_scores(heads, torch.tensor([[0.0, 1.0], [1.0, 0.0]])).argmax(-1).tolist()
+    assert one_hot == [2 + 1, 1]  # row 0: head 1's class 1 (global 3); row 1: head 0's class 1
+    # Equal weights: `all` over each head's log-softmax.
+    equal = soft_scores(heads, torch.full((2, 2), 0.3)).argmax(-1)
+    normalised = torch.cat([torch.log_softmax(h, -1) for h in heads], -1).argmax(-1)
+    assert torch.equal(equal, normalised)
+    # Each row uses its own weights: with the batch's mean weights ([0.455, 0.545]) row 0 would pick head 1.
+    rows = soft_scores(heads, torch.tensor([[0.9, 0.1], [0.01, 0.99]])).argmax(-1).tolist()
+    assert rows == [0, 2]
+
+
+class _Spy:
+    def __init__(self, model):
+        self.calls = []
+        self.original = model.til_logits
+
+    def __call__(self, index, ids, mask):
         self.calls.append((index, ids.size(0)))
-        return self.original(model, index, ids, mask)
+        return self.original(index, ids, mask)
 
 
 @pytest.mark.parametrize("favoured", [0, 1])
@@ -336,14 +418,41 @@ def test_hard_routing_runs_only_the_argmax_tasks_adapter(tmp_path, data_dir, fav
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([5.0, -5.0] if favoured == 0 else [-5.0, 5.0]))
-    spy = _Spy(method)
-    method._til_logits = spy
+    spy = _Spy(model)
+    model.til_logits = spy
     ctx = EvalContext(session.tokenizer, session.builder, batch_size=8, max_new_tokens=None)
     score = method.evaluate(model, session.tasks[1], session.tasks[0], session.data[0], ctx)
     assert spy.calls == [(favoured, 4)]  # one adapter pass, with the routed task, for the whole batch
     assert score.extra["router_accuracy"] == (1.0 if favoured == 0 else 0.0)
     owners = {p.split(":")[0] if ":" in p else "task0" for p in score.predictions}
     assert owners == {f"task{favoured}"}
+
+
+def test_soft_routing_weighs_each_rows_heads_by_the_router(tmp_path, data_dir):
+    values = peft_values(tmp_path, data_dir, classifier="Linear", PEFT_type="LoRA", newlora_routing="soft")
+    session = Session(parse_config(values))
+    session.load()
+    method, model = session.method, session.model
+    for task, data in zip(session.tasks, session.data, strict=True):
+        method.begin_task(model, task, data)
+    method.end_task(model, session.tasks[1], session.data[1])
+    ctx = EvalContext(session.tokenizer, session.builder, batch_size=8, max_new_tokens=None)
+    last = model.router.mlp[2]
+    owners = {}
+    for favoured in (0, 1):  # a router sure of one task: soft answers with that task's head only
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([30.0, -30.0] if favoured == 0 else [-30.0, 30.0]))
+        score = method.evaluate(model, session.tasks[1], session.tasks[0], session.data[0], ctx)
+        owners[favoured] = {p.split(":")[0] if ":" in p else "task0" for p in score.predictions}
+    assert owners == {0: {"task0"}, 1: {"task1"}}
+    with pytest.raises(ConfigError, match="soft routing weighs sentence-level heads"):
+        PEFTArguments(
+            classifier="Linear",
+            Sub_PEFT_type="NewLoRA",
+            newlora_routing="soft",
+            classification_type="word-level",
+        )
 
 
 # ---- word-level data and scoring ----------------------------------------------------------------------
@@ -366,6 +475,39 @@ def test_entity_spans_and_f1_by_hand():
     assert entity_f1([["O"]], [["O"]]).f1 == 1.0
     assert entity_f1([["O"]], [["B-X"]]).f1 == 0.0
     assert entity_f1([["B-X"]], [["O"]]).recall == 0.0
+
+
+def test_word_score_by_hand():
+    """Entity F1 of predicted tag indices, through the global tag space, against counts made by hand."""
+    space = LabelSpace("word-level")
+    space.set_task(0, "per", ["B-PER", "I-PER", "O"])
+    space.set_task(1, "loc", ["B-LOC", "I-LOC", "O"])
+    tag = {"O": 0, "B-PER": 1, "I-PER": 2, "B-LOC": 3, "I-LOC": 4}  # the global space after task 1
+    gold, predicted, starts = [], [], []
+    for gold_tags, predicted_tags in [
+        # PER cut short (boundary error), LOC exact: 1 of 2 found
+        ("B-PER I-PER O B-LOC I-LOC O", "B-PER O O B-LOC I-LOC O"),
+        # LOC predicted as PER (wrong type), PER exact: 1 of 2
+        ("B-LOC O B-PER", "B-PER O B-PER"),
+        # LOC starting one word early (boundary error): 0 of 1
+        ("O O B-LOC I-LOC", "O B-LOC I-LOC I-LOC"),
+        # I-LOC after the sentence start opens an entity (conlleval): exact, 1 of 1
+        ("B-LOC I-LOC", "I-LOC I-LOC"),
+    ]:
+        gold.append(gold_tags.split())
+        predicted.append([tag[t] for t in predicted_tags.split()])
+        starts.append(list(range(len(gold[-1]))))  # one token per word
+    # Its second word was cut away by cutoff_len: predicted O, so the gold PER is missed (0 of 1).
+    gold.append(["O", "B-PER"])
+    predicted.append([tag["O"]])
+    starts.append([0, -1])
+    score = word_score(space, 1, 1, gold, EvalRows([[0]] * len(gold), starts), predicted)
+    # gold entities 2 + 2 + 1 + 1 + 1 = 7, predicted 2 + 2 + 1 + 1 + 0 = 6, exact matches 3
+    assert (score.correct, score.scored) == (3, 5)
+    assert score.extra["entity_precision"] == pytest.approx(3 / 6)
+    assert score.extra["entity_recall"] == pytest.approx(3 / 7)
+    assert score.accuracy == pytest.approx(6 / 13)  # 2PR / (P + R) = 2 * 3 / (6 + 7)
+    assert score.predictions[2] == "O B-LOC I-LOC I-LOC" and score.predictions[4] == "O O"
 
 
 def test_words_map_to_their_first_token():
@@ -451,6 +593,6 @@ def test_a_non_finite_loss_stops_or_is_skipped_and_counted(tmp_path, data_dir, s
     loss = method._finite(nan, model)
     assert loss.item() == 0.0
     loss.backward()
-    assert all(p.grad is not None and not p.grad.any() for p in method.adapter_params("task-0"))
+    assert all(p.grad is not None and not p.grad.any() for p in method.adapters.parameters_of("task-0"))
     assert method.compute_loss(model, batch, LossScale(None)).isfinite()
     assert method.skipped == {"task0": 1}

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from retain.api import evaluate, run, train
-from retain.cl.pertask.method import HEAD_CONFIG, HEAD_FILE, ROUTER_FILE, STATE_FILE
+from retain.cl.pertask.adapters import HEAD_CONFIG, HEAD_FILE, ROUTER_FILE
+from retain.cl.pertask.method import STATE_FILE
 from retain.cl.registry import parse_config
 from retain.training.sequence import Session
 from tests.conftest import write_task_family
@@ -164,9 +165,7 @@ def test_word_level_run_on_the_builtin_ner_tasks(tmp_path, monkeypatch):
     assert all(0.0 <= v <= 1.0 for row in metrics["matrix"] for v in row)
     extra = metrics["extra_matrices"]
     assert {"entity_precision", "entity_recall", "router_accuracy"} <= set(extra)
-    # F1 is the harmonic mean of the reported precision and recall.
-    p, r, f1 = extra["entity_precision"][2][1], extra["entity_recall"][2][1], metrics["matrix"][2][1]
-    assert f1 == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+    # What the F1 must be is checked on hand-made tags: test_word_score_by_hand (test_pertask.py).
     heads = [json.loads((out / "lora_task_1" / f"task-{i}" / HEAD_CONFIG).read_text()) for i in (0, 1)]
     assert heads[0]["labels"] == ["O", "B-PER", "I-PER"] and heads[1]["labels"] == ["B-LOC", "I-LOC"]
     for file in ("adapter_model.safetensors", HEAD_FILE):

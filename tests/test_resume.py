@@ -49,6 +49,7 @@ sys.exit(main(["run", sys.argv[1]]))
 # the kill through the methods' checkpoint hooks.
 METHODS = {
     "seq": {},
+    "multitask": {"cl_method": "multitask"},
     "replay": {"cl_method": "replay", "replay_ratio": 0.5},
     "ilora": {
         "cl_method": "ilora",
@@ -57,6 +58,25 @@ METHODS = {
         "max_new_tokens": 4,
     },
     "peft": {"cl_method": "peft", "PEFT_type": "LoRA", "lora_rank": None, "max_new_tokens": 4},
+    # EWC's Fisher and theta* come back with task 1's state; LwF's teacher is re-copied at begin_task.
+    "ewc": {"cl_method": "ewc", "ewc_num_samples": 8, "max_new_tokens": 4},
+    "lwf": {"cl_method": "lwf", "max_new_tokens": 4},
+    # Stacked LoRAs: the Trainer's checkpoint reloads every adapter and leaves the current one alone
+    # active; the stack must be active again. nlora's default weight keeps the tiny model from learning.
+    "olora": {"cl_method": "olora", "max_new_tokens": 4},
+    "nlora": {"cl_method": "nlora", "nlora_lambda": 0.001, "max_new_tokens": 4},
+    # InfLoRA: begin_task designs the same A again (same rows, deterministic), and the Trainer's resume
+    # (peft's set_adapter) must leave A frozen, so the optimizer it rebuilds holds task 2's B alone.
+    "inflora": {"cl_method": "inflora", "max_new_tokens": 4},
+    # GEM / A-GEM: the memories come back with task 1's state; each step's reference rows are drawn by a
+    # generator seeded with (seed, task, step), so the resumed steps project against the same rows.
+    "gem": {"cl_method": "gem", "max_new_tokens": 4},
+    "agem": {"cl_method": "agem", "agem_memory_size": 6, "max_new_tokens": 4},
+    # Generative rehearsal: LAMOL writes task 2's rows before task 2 (pseudo/task1.json), and the resumed
+    # run reuses that file; pseudo_replay and ssr restore the rows of task 1 with task 1's state.
+    "lamol": {"cl_method": "lamol", "lamol_num_samples_per_task": 4, "max_new_tokens": 4},
+    "pseudo_replay": {"cl_method": "pseudo_replay", "num_samples_per_task": 4, "max_new_tokens": 4},
+    "ssr": {"cl_method": "ssr", "pseudo_sample_memory": 4, "n_clusters": 2, "max_new_tokens": 4},
 }
 
 

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -119,3 +120,20 @@ def test_a_run_leaves_the_callers_config_as_it_was(tiny_config, tmp_path):
     assert again["matrix"] == metrics["matrix"]
     state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
     assert sorted(state["trained"]) == ["1", "2"] and not (tmp_path / "run" / "from_task3").exists()
+
+
+def test_a_methods_loss_terms_reach_the_log_and_tensorboard(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    retain.run(
+        tiny_config(
+            cl_method="lwf", cl_tasks="task0,task1", report_to="tensorboard", logging_steps=1, max_samples=8
+        )
+    )
+    out = tmp_path / "run"
+    history = [e for e in json.loads((out / "logs" / "train_task_2.json").read_text()) if "loss" in e]
+    assert history and all(e["loss"] == pytest.approx(e["loss_ce"] + e["loss_kl"], rel=1e-5) for e in history)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss_ce", "train/loss_kl"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss_kl")] == [1, 2, 3, 4]

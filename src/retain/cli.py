@@ -26,10 +26,11 @@ def _format_matrix(metrics: dict[str, Any]) -> str:
             label.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols, strict=True))
         )
     values = []
-    for key in ("last", "avg", "bwt", "fwt", "forgetting"):
+    for key in ("last", "avg", "bwt", "fwt", "forgetting", "last_micro", "avg_micro"):
         v = metrics.get(key)
         values.append(f"{key}={'n/a' if v is None else f'{100 * v:.1f}'}")
-    return "\n".join(lines) + "\n" + "  ".join(values) + "  (accuracy %)"
+    mode = metrics.get("eval_mode", "generate")
+    return "\n".join(lines) + "\n" + "  ".join(values) + f"  (accuracy %, eval_mode {mode})"
 
 
 def _print_result(metrics: dict[str, Any], output_dir: Path) -> None:

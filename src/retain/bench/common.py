@@ -62,7 +62,9 @@ def add_common(parser: argparse.ArgumentParser, *, model: str = DEFAULT_MODEL, r
 
 def add_benchmark_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--benchmark-dir", default=None, help="folder of the LNT benchmark (default: the copy shipped with retain)"
+        "--benchmark-dir",
+        default=None,
+        help="folder of the LNT benchmark (default: the copy shipped with retain)",
     )
 
 

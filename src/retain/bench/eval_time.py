@@ -8,7 +8,9 @@ On the same test prompts of each task (LNT agnews by default), with the base mod
            rows share is run once and its KV cache reused by every batch;
   floor    one prefill forward pass over the same prompts in the same batches, no decoding;
   cached   the cross-run base-row cache (`retain.eval.base_cache`) answering the entry: key
-           computation and file read, no model call (row 0 of the matrix in a repeated run).
+           computation and file read, no model call (row 0 of the matrix in a repeated run);
+  choice   `eval_mode: choice` (`retain.eval.choice`): every label scored by its log-likelihood
+           after the prompt, with the shared prefix cache (when every task has a label set).
 Ratios are times relative to the floor. `ours` must give exactly the predictions of `batched`.
 The matrix estimate adds up a run over exactly these tasks (eval_scope all: T+1 rows of T
 entries) with plain batched generation, with ours, and with ours plus the cached base row.
@@ -26,13 +28,14 @@ import torch
 from transformers import GenerationConfig
 
 from retain.bench import common
-from retain.data.prompt import pad_batch
+from retain.data.prompt import normalize_answer, pad_batch
 from retain.errors import ConfigError
+from retain.eval.choice import choice_predictions
 from retain.eval.predict import EvalContext, common_prefix_length, generate_answers, score
 
 NAME = "eval"
 HELP = "evaluation examples/s: naive and batched generate, ours, the prefill floor, the base-row cache"
-VARIANTS = ("naive", "batched", "ours", "floor", "cached")
+VARIANTS = ("naive", "batched", "ours", "floor", "cached", "choice")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     variants: dict[str, Any] = {}
     per_task: dict[str, dict[str, Any]] = {}
+    with_choice = all(task.label_texts for task in data)
     with tempfile.TemporaryDirectory(prefix="retain-bench-cache-") as cache_root:
         for task in data:
             prompts = [builder.prompt_ids(e) for e in task.test]
@@ -152,6 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             variants[f"{name}:ours"] = ours
             variants[f"{name}:floor"] = lambda p=prompts: prefill_floor(model, tokenizer, p, args.batch_size)
             variants[f"{name}:cached"] = lambda entry=entry: entry().load()
+            if with_choice:
+                variants[f"{name}:choice"] = lambda task=task: choice_predictions(model, task, ctx)
             per_task[name] = {
                 "examples": len(prompts),
                 "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
@@ -171,9 +177,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "template": args.template,
-        "variants": [v for v in VARIANTS if not (v == "naive" and args.skip_naive)],
+        "variants": measured_variants(args, with_choice),
     }
     return common.report(NAME, args, device, settings, body, render)
+
+
+def measured_variants(args: argparse.Namespace, with_choice: bool) -> list[str]:
+    return [v for v in VARIANTS if not (v == "naive" and args.skip_naive) and (v != "choice" or with_choice)]
 
 
 def summarise(
@@ -182,7 +192,7 @@ def summarise(
     samples: dict[str, list[float]],
     results: dict[str, Any],
 ) -> dict[str, Any]:
-    variants = [v for v in VARIANTS if not (v == "naive" and args.skip_naive)]
+    variants = measured_variants(args, all(f"{name}:choice" in samples for name in per_task))
     tasks: dict[str, Any] = {}
     totals = dict.fromkeys(variants, 0.0)
     examples = 0
@@ -196,6 +206,12 @@ def summarise(
             "batched": score(batched, gold, labels).accuracy,
             "ours": score(ours, gold, labels).accuracy,
         }
+        if "choice" in variants:
+            chosen = results[f"{name}:choice"]
+            accuracy["choice"] = score(chosen, gold, labels).accuracy
+            mismatches["choice_vs_ours_labels"] = sum(
+                normalize_answer(c) != normalize_answer(o) for c, o in zip(chosen, ours, strict=True)
+            )
         if "naive" in variants:
             naive = results[f"{name}:naive"]
             mismatches["naive_vs_batched"] = sum(a != b for a, b in zip(naive, batched, strict=True))

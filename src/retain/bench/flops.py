@@ -93,3 +93,10 @@ def body_forward_flops(shape: DecoderShape, batch: dict[str, torch.Tensor]) -> f
     """A no-grad pass through the transformer body only (no LM head), e.g. I-LoRA's EMA pass."""
     rows, width = batch["input_ids"].shape
     return forward_flops(shape, int(rows), int(width), 0, head=False)
+
+
+def lora_forward_flops(shape: DecoderShape, tokens: int, rank: int) -> float:
+    """One LoRA adapter's forward on every linear layer of the body: x A^T then (x A^T) B^T per token."""
+    d = shape.hidden
+    per_layer = (d + shape.q_dim) + 2 * (d + shape.kv_dim) + (shape.q_dim + d) + 3 * (d + shape.intermediate)
+    return float(2 * rank * per_layer * shape.layers * tokens)

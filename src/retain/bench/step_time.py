@@ -32,7 +32,14 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from retain.bench import common
-from retain.bench.flops import DecoderShape, body_forward_flops, train_step_flops
+from retain.bench.flops import (
+    DecoderShape,
+    batch_dims,
+    body_forward_flops,
+    forward_flops,
+    lora_forward_flops,
+    train_step_flops,
+)
 from retain.cl.loss import LossScale
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError
@@ -59,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay's replayed rows per current row (default 1.0)",
     )
     parser.add_argument(
+        "--ilora-pass",
+        choices=("split", "joined"),
+        default="split",
+        help="I-LoRA's plastic passes: split (current rows, then replayed rows) or joined (default split)",
+    )
+    parser.add_argument(
         "--prep-steps", type=int, default=2, help="steps on task 1 that fill buffers (default 2)"
     )
     parser.add_argument(
@@ -74,7 +87,12 @@ def method_values(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "replay":
         return {"cl_method": name, "lora_rank": rank, "replay_mix_ratio": args.replay_mix_ratio}
     if name == "ilora":
-        return {"cl_method": name, "lora_rank": rank, "ilora_replay_batch_size": args.batch_size}
+        return {
+            "cl_method": name,
+            "lora_rank": rank,
+            "ilora_replay_batch_size": args.batch_size,
+            "ilora_pass": getattr(args, "ilora_pass", "split"),  # `retain bench scaling` has no such option
+        }
     if name == "peft":
         return {
             "cl_method": name,
@@ -144,9 +162,13 @@ class MethodStep:
         for callback in self.callbacks:
             callback.on_step_begin(args, self.state, self.control)
         num_items = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        loss = method.compute_loss(self.model, batch, LossScale(num_items=num_items))
-        loss.backward()
+        for part in method.loss_parts(self.model, batch, LossScale(num_items=num_items)):
+            part().backward()  # as CLTrainer does: each part's activations are freed before the next
         torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+        for callback in self.callbacks:  # where gradient projection (GEM, A-GEM) runs, as in the Trainer
+            callback.on_pre_optimizer_step(
+                args, self.state, self.control, model=self.model, optimizer=self.optimizer
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
@@ -160,8 +182,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "seq" not in names:
         names.insert(0, "seq")
     tasks = common.task_names(args)
-    if len(tasks) != 2:
-        raise ConfigError("--tasks needs exactly two tasks: the first fills buffers, the second is timed")
+    if len(tasks) < 2:
+        raise ConfigError(
+            "--tasks needs two tasks at least: the earlier ones fill memories, the last is timed"
+        )
     if args.batch_size < 1 or args.prep_steps < 1:
         raise ConfigError("--batch-size and --prep-steps must be at least 1")
     B = args.batch_size
@@ -191,14 +215,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             for name in names
         }
-        common.progress(f"{NAME}: {args.prep_steps} step(s) of task 1 per method, then task 2")
-        for runner in runners.values():  # task 1: a few real steps, then its end (memories fill)
+        earlier = len(tasks) - 1
+        common.progress(
+            f"{NAME}: {args.prep_steps} step(s) of each of {earlier} earlier task(s), then the last"
+        )
+        for runner in runners.values():  # earlier tasks: a few real steps, then their end (memories fill)
             with common.quiet():
-                runner.begin(0)
-                for _ in range(args.prep_steps):
-                    runner.step()
-                runner.end()
-                runner.begin(1)
+                for index in range(earlier):
+                    runner.begin(index)
+                    for _ in range(args.prep_steps):
+                        runner.step()
+                    runner.end()
+                runner.begin(earlier)
 
         variants = {name: runner.step for name, runner in runners.items()}
         extra: dict[str, Any] = {}
@@ -235,6 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": B,
         "replay_batch_size": B,
         "replay_mix_ratio": args.replay_mix_ratio,
+        "ilora_pass": args.ilora_pass,
         "cutoff_len": args.cutoff_len,
         "lora_rank": args.lora_rank,
         "prep_steps": args.prep_steps,
@@ -276,7 +305,7 @@ def summarise(
             name: step_medians[name] / seq_time * (B / rows_per_step[name]["current"]) for name in names
         },
     }
-    floors = flop_floors(names, runners, extra)
+    floors = flop_floors(names, runners, extra, earlier=len(runners["seq"].session.tasks) - 1)
     if JOINED in step_medians:
         floors.setdefault("ilora", {})["measured_ratio"] = (
             step_medians[JOINED] + step_medians[EMA_PASS]
@@ -292,8 +321,22 @@ def summarise(
     }
 
 
-def flop_floors(names: list[str], runners: dict[str, MethodStep], extra: dict[str, Any]) -> dict[str, Any]:
-    """Matmul FLOPs of each method's step on its batch, relative to seq's (decoders with a known shape)."""
+#: Extra passes per step beyond seq's forward + backward, for the FLOP floors (see flop_floors).
+SAME_AS_SEQ = ("seq", "replay", "peft", "ewc", "multitask", "pseudo_replay", "ssr")
+STACKED = ("olora", "nlora", "inflora")
+
+
+def flop_floors(
+    names: list[str], runners: dict[str, MethodStep], extra: dict[str, Any], earlier: int
+) -> dict[str, Any]:
+    """Matmul FLOPs of each method's step on its batch, relative to seq's (decoders with a known shape).
+
+    seq, replay, peft, ewc (an elementwise penalty), multitask and the rehearsal methods that only mix
+    rows in: one forward and backward of the batch. lwf: plus a no-grad forward of the teacher. gem: plus
+    one forward and backward per earlier task (its reference gradients); agem: plus one. ilora: the
+    joined batch plus the EMA body pass. Stacked LoRAs: plus the earlier tasks' LoRAs, forward and the
+    input gradients through them (nlora's L1 penalty, once per step, is not counted).
+    """
     config = getattr(runners["seq"].session.model, "config", None)
     shape = DecoderShape.from_config(config) if config is not None else None
     if shape is None:
@@ -301,17 +344,28 @@ def flop_floors(names: list[str], runners: dict[str, MethodStep], extra: dict[st
     per_method: dict[str, tuple[float, float]] = {}
     for name in names:
         batch = runners[name].batch
+        step, textbook = train_step_flops(shape, batch), train_step_flops(shape, batch, frozen=False)
+        rows, width, kept = batch_dims(batch)
         if name == "ilora":
             if "joined" not in extra:
                 continue
             ema = body_forward_flops(shape, extra["replay"])
-            flops = train_step_flops(shape, extra["joined"]) + ema
+            step = train_step_flops(shape, extra["joined"]) + ema
             textbook = train_step_flops(shape, extra["joined"], frozen=False) + ema
-        elif name in ("seq", "replay", "peft"):
-            flops, textbook = train_step_flops(shape, batch), train_step_flops(shape, batch, frozen=False)
-        else:
+        elif name == "lwf":
+            teacher = forward_flops(shape, rows, width, kept)
+            step, textbook = step + teacher, textbook + teacher
+        elif name in ("gem", "agem"):
+            references = earlier if name == "gem" else 1
+            step, textbook = step * (1 + references), textbook * (1 + references)
+        elif name in STACKED:
+            # The earlier tasks' (frozen) LoRAs: their forward, and the input gradients through them.
+            rank = runners[name].session.config.finetuning.lora_rank
+            lora = 2 * earlier * lora_forward_flops(shape, rows * width, rank)
+            step, textbook = step + lora, textbook + lora
+        elif name not in SAME_AS_SEQ:
             continue
-        per_method[name] = (flops, textbook)
+        per_method[name] = (step, textbook)
     seq_flops, seq_textbook = per_method["seq"]
     return {
         name: {"flops": flops, "flop_ratio": flops / seq_flops, "textbook_ratio": textbook / seq_textbook}

@@ -44,6 +44,9 @@ class CLMethod:
 
     #: The registry entry of this method (its name, summary and config dataclass).
     spec: ClassVar[MethodSpec]
+    #: Why the method cannot train with sharded parameters (DeepSpeed ZeRO-3, FSDP), or None when it can:
+    #: a method that reads or copies whole adapter weights outside the forward pass says so here.
+    sharding_limit: ClassVar[str | None] = None
     #: Tasks are saved in `output_dir / task_dir_pattern.format(id=..., index=...)`.
     task_dir_pattern: ClassVar[str] = "task_{id}"
 
@@ -106,6 +109,14 @@ class CLMethod:
 
         return causal_lm_loss(model, inputs, scale)
 
+    def loss_parts(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], scale: LossScale
+    ) -> list[Callable[[], torch.Tensor]]:
+        """The micro-batch's loss as parts the trainer backpropagates one after the other (each part's
+        activations are freed before the next part's forward), in training. Their sum is the loss.
+        Default: one part, `compute_loss`."""
+        return [lambda: self.compute_loss(model, inputs, scale)]
+
     def callbacks(self, model: torch.nn.Module) -> list[TrainerCallback]:
         """Trainer callbacks for this task (for example an EMA update after each optimizer step)."""
         return []
@@ -139,6 +150,13 @@ class CLMethod:
         Called on every process after `begin_task` and before the Trainer restores its own part of
         the checkpoint. Default: nothing.
         """
+
+    # ---- the report ---------------------------------------------------------------------------
+    def report_info(self) -> dict[str, Any]:
+        """Figures the run's report shows about the method's own work (`method_info` in metrics.json and a
+        "Method" section in report.md): for example how many generated rows were kept or dropped.
+        JSON-serialisable; default: nothing."""
+        return {}
 
     # ---- export ---------------------------------------------------------------------------
     def export(self, model: torch.nn.Module, directory: Path) -> list[Path]:

@@ -66,3 +66,31 @@ def causal_lm_sums(
     keep, targets = shifted_targets(labels)
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
     return token_ce_sum(out.logits, targets)
+
+
+class LossTerms:
+    """The named terms of a method's training loss, as they enter it, kept for the Trainer's log.
+
+    A method calls `add(name=value, ...)` in `compute_loss` with each micro-batch's (already
+    normalised) terms; the trainer counts optimizer steps (`new_step`) and, at each log, writes the
+    per-step mean of every term since the last log next to `loss` (averaged over processes like
+    `loss`), so the logged terms add up to it. Terms reach the log history, TensorBoard and W&B.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, **terms: torch.Tensor) -> None:
+        for name, value in terms.items():
+            value = value.detach().float().reshape(())
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def new_step(self) -> None:
+        self.steps += 1
+
+    def pop(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The sums and the number of steps since the last pop; starts over."""
+        sums, steps = self.sums, self.steps
+        self.sums, self.steps = {}, 0
+        return sums, steps

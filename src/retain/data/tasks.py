@@ -15,18 +15,18 @@ from retain.hparams.args import DataArguments
 
 logger = logging.getLogger(__name__)
 
-#: A task whose train split has at most this many distinct answers is treated as classification.
-MAX_LABELS = 64
-
 
 @dataclass
 class TaskData:
     name: str
     train: list[Example]
     test: list[Example]
-    #: Normalised answers of the train split (or `label_list`), when the task is classification.
+    #: The normalised `label_list` of the task's registry entry: a classification task has one. None: the
+    #: task is scored by exact match and ROUGE-L over every test row.
     labels: list[str] | None
     spec: dict[str, Any] = field(default_factory=dict)
+    #: The `label_list` as written (what the model learns to answer), one per normalised label.
+    label_texts: list[str] | None = None
     #: Word-level (`formatting: tagging`) tasks: the BIO tags of the train split (or `label_list`),
     #: sorted, exactly as written. None for other tasks.
     tags: list[str] | None = None
@@ -86,12 +86,17 @@ def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArgu
             spec=spec,
             tags=_tag_set(train, labels, dataset_dir, name),
         )
-    if labels is not None:
-        labels = sorted({normalize_answer(x) for x in labels})
-    else:
-        distinct = sorted({normalize_answer(e.answer) for e in train})
-        labels = distinct if len(distinct) <= MAX_LABELS else None
-    return TaskData(name=name, train=train, test=test, labels=labels, spec=spec)
+    if labels is None:
+        return TaskData(name=name, train=train, test=test, labels=None, spec=spec)
+    texts = list({normalize_answer(x): x for x in labels}.values())  # as written, one per normalised label
+    return TaskData(
+        name=name,
+        train=train,
+        test=test,
+        labels=sorted({normalize_answer(x) for x in labels}),
+        spec=spec,
+        label_texts=texts,
+    )
 
 
 def _tag_set(train: list[Example], label_list: list[str] | None, dataset_dir: Path, name: str) -> list[str]:

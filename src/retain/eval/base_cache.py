@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Bump when the meaning of a cached entry changes (scoring rules, key layout).
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: label sets from label_list, off_label and rouge_l figures
 #: Files at most this large are hashed by content in the model fingerprint (config, tokenizer).
 SMALL_FILE = 4 << 20
 
@@ -155,7 +155,10 @@ class BaseRowEntry:
             "prompts": _sha256(prompts),
             "examples": _sha256(examples),
             "labels": data.labels,
+            "label_texts": data.label_texts,
             "tags": data.tags,
+            "mode": ctx.mode,
+            "choice_normalization": ctx.choice_normalization,
             "max_new_tokens": ctx.new_tokens_for(data),
             "eos": tokenizer.eos_token_id,
             "pad": tokenizer.pad_token_id,

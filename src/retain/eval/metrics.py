@@ -10,6 +10,10 @@ number computed as if the entry were 0. Every mean is the plain mean over tasks.
 - BWT        = mean_{i<T} ( R[T][i] - R[i][i] )          (backward transfer; < 0 is forgetting)
 - FWT        = mean_{i>1} ( R[i-1][i] - R[0][i] )        (forward transfer, against the base row)
 - Forgetting = mean_{i<T} ( max_{i<=k<T} R[k][i] - R[T][i] )
+
+Micro averages pool test rows instead of tasks (C: correct rows, N: scored rows of each entry):
+- Last (micro) = sum_i C[T][i] / sum_i N[T][i]
+- Avg (micro)  = mean_k ( sum_{i<=k} C[k][i] / sum_{i<=k} N[k][i] )
 """
 
 from __future__ import annotations
@@ -87,3 +91,18 @@ def all_metrics(matrix: Matrix) -> dict[str, float | None]:
         "fwt": fwt(matrix),
         "forgetting": forgetting(matrix),
     }
+
+
+def _pooled(correct: list[int | None], scored: list[int | None]) -> float | None:
+    if any(v is None for v in [*correct, *scored]) or not sum(scored):  # type: ignore[arg-type]
+        return None
+    return sum(correct) / sum(scored)  # type: ignore[arg-type]
+
+
+def micro_metrics(correct: Matrix | None, scored: Matrix | None) -> dict[str, float | None]:
+    """Last and Avg over test rows (None when an entry has no row counts, e.g. an F1 over entities)."""
+    if correct is None or scored is None:
+        return {"last_micro": None, "avg_micro": None}
+    t = len(correct) - 1
+    per_step = [_pooled(list(correct[k][:k]), list(scored[k][:k])) for k in range(1, t + 1)]
+    return {"last_micro": _pooled(list(correct[t]), list(scored[t])), "avg_micro": _mean(per_step)}

@@ -58,6 +58,14 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
         raise RetainError(f"malformed JSON: {exc.msg}", source=str(path)) from None
 
 
+#: How each `eval_mode` scores, for the report.
+MODES = {
+    "generate": "greedy generation (exact match to a label; ROUGE-L besides for tasks without labels)",
+    "choice": "choice: the label whose tokens are most likely after the prompt (tasks without labels: generation)",
+    "both": "greedy generation; choice's accuracy and the modes' agreement are the extra matrices",
+}
+
+
 def _fmt(value: float | None, percent: bool = True) -> str:
     if value is None:
         return "n/a"
@@ -67,19 +75,22 @@ def _fmt(value: float | None, percent: bool = True) -> str:
 def report_markdown(metrics: dict[str, Any]) -> str:
     tasks, matrix = metrics["tasks"], metrics["matrix"]
     lines = [f"# {metrics.get('title') or 'Continual-learning run'}", ""]
-    info = [(k, metrics[k]) for k in ("method", "model", "seed", "wall_time_s") if k in metrics]
+    keys = ("method", "model", "seed", "eval_mode", "eval_split", "wall_time_s")
+    info = [(k, metrics[k]) for k in keys if k in metrics]
     if info:
         lines += [", ".join(f"**{k}**: {v}" for k, v in info), ""]
+    mode = metrics.get("eval_mode", "generate")
     lines += [
         "## Metrics (accuracy in %)",
         "",
-        "| Last | Avg | BWT | FWT | Forgetting |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        "| " + " | ".join(_fmt(metrics.get(k)) for k in ("last", "avg", "bwt", "fwt", "forgetting")) + " |",
+        f"Scored by {MODES.get(mode, mode)}. Last and Avg are means over tasks (macro); the micro ones pool the",
+        "test rows of every task.",
         "",
+        "| Last | Avg | BWT | FWT | Forgetting | Last (micro) | Avg (micro) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    keys = ("last", "avg", "bwt", "fwt", "forgetting", "last_micro", "avg_micro")
+    lines += ["| " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |", ""]
     lines += [
         "## Accuracy matrix (%)",
         "",
@@ -96,8 +107,20 @@ def report_markdown(metrics: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in row) + " |")
     counts = metrics.get("eval_counts")
     if counts:
-        lines += ["", "## Test rows", "", "| task | scored | unlabeled (not scored) |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Test rows",
+            "",
+            "Rows whose gold answer is not among the task's labels are counted here and not scored.",
+            "",
+            "| task | scored | unlabeled (not scored) |",
+            "|---|---|---|",
+        ]
         lines += [f"| {t} | {c['scored']} | {c['unlabeled']} |" for t, c in counts.items()]
+    info = metrics.get("method_info")
+    if info:
+        lines += ["", f"## {metrics.get('method', 'Method')}: the method's own figures", ""]
+        lines += [f"- **{key}**: {json.dumps(value, ensure_ascii=False)}" for key, value in info.items()]
     lines += ["", f"![accuracy matrix]({HEATMAP_PNG})", "", f"![accuracy per task]({CURVE_PNG})", ""]
     lines += [
         "Definitions: Last = mean of the final row; Avg = mean over steps of the mean over seen tasks;",

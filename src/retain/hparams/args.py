@@ -212,9 +212,31 @@ class GeneratingArguments:
         },
     )
 
+    eval_mode: str = field(
+        default="generate",
+        metadata={
+            "help": "How a classification task (one with a label_list) is scored: 'generate' (greedy answers, "
+            "exact match), 'choice' (the label whose tokens are most likely after the prompt: does the model "
+            "still know, whatever format it would write), or 'both' (generate for the matrix, plus choice's "
+            "accuracy and the two modes' agreement as extra matrices). Tasks without labels are generated."
+        },
+    )
+    choice_normalization: str = field(
+        default="sum",
+        metadata={
+            "help": "choice: rank labels by the 'sum' of their tokens' log-likelihoods, or the per-token 'mean'."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError("must be at least 1", field="max_new_tokens")
+        if self.eval_mode not in ("generate", "choice", "both"):
+            raise ConfigError(f"expected generate, choice or both, got {self.eval_mode!r}", field="eval_mode")
+        if self.choice_normalization not in ("sum", "mean"):
+            raise ConfigError(
+                f"expected sum or mean, got {self.choice_normalization!r}", field="choice_normalization"
+            )
 
 
 @dataclass

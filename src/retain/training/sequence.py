@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
+from accelerate.state import AcceleratorState
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import set_seed
@@ -30,6 +31,7 @@ from retain.data.prompt import PromptBuilder
 from retain.data.tasks import TaskData, load_tasks
 from retain.errors import ConfigError, RetainError
 from retain.eval.base_cache import BaseRowEntry, base_model_id
+from retain.eval.metrics import micro_metrics
 from retain.eval.predict import EvalContext
 from retain.eval.report import LOG_DIR, build_metrics, write_loss_curve, write_results
 from retain.hparams.parser import RunConfig
@@ -60,6 +62,30 @@ def check_output_dir(path: Path) -> None:
         raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}", field="output_dir") from None
 
 
+def shards_parameters(training: Any) -> bool:
+    """Whether the training arguments shard the parameters: FSDP, or DeepSpeed ZeRO stage 3."""
+    if training.fsdp:
+        return True
+    if not training.deepspeed:
+        return False
+    settings = training.deepspeed
+    if not isinstance(settings, dict):
+        try:
+            settings = json.loads(Path(settings).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False  # transformers reports an unreadable DeepSpeed config itself
+    return (settings.get("zero_optimization") or {}).get("stage") == 3
+
+
+def check_sharding(config: RunConfig, method: CLMethod) -> None:
+    if method.sharding_limit and shards_parameters(config.training):
+        raise ConfigError(
+            f"cl_method {method.name} cannot train with sharded parameters (ZeRO-3, FSDP): {method.sharding_limit}; "
+            "use DDP or DeepSpeed ZeRO-2",
+            field="deepspeed" if config.training.deepspeed else "fsdp",
+        )
+
+
 @contextlib.contextmanager
 def tensorboard_dir(path: Path) -> Iterator[None]:
     """Point transformers' TensorBoard callback at `path` (unless the user set TENSORBOARD_LOGGING_DIR)."""
@@ -88,6 +114,7 @@ class Session:
                 "places the model in one process; with several, the launcher places it", field="device_map"
             )
         self.method: CLMethod = load_method(config.cl.cl_method)(config)
+        check_sharding(config, self.method)
         self.data: list[TaskData] = load_tasks(config.data)
         first_id = config.cl.current_task_id or 1
         self.tasks = [Task(first_id - 1 + j, d.name) for j, d in enumerate(self.data)]
@@ -172,6 +199,10 @@ class Session:
         checkpoint_dir = self.output_dir / "checkpoints" / f"task_{task.id}"
         args = cfg.training
         args.output_dir = str(checkpoint_dir)
+        if args.deepspeed:
+            # Each task's Trainer builds its own Accelerator with the DeepSpeed plugin; accelerate keeps one
+            # accelerator state per process, so the previous task's is dropped (the process group stays).
+            AcceleratorState._reset_state(reset_partial_state=False)
         try:
             with tensorboard_dir(self.run_dir / TENSORBOARD_DIR):
                 trainer = CLTrainer(
@@ -218,6 +249,8 @@ class Session:
             batch_size=self.config.training.per_device_eval_batch_size,
             max_new_tokens=self.config.generating.max_new_tokens,
             share_prefix=self.config.generating.eval_prefix_cache,
+            mode=self.config.generating.eval_mode,
+            choice_normalization=self.config.generating.choice_normalization,
         )
 
     def evaluate_entry(self, row: int, column: int) -> float:
@@ -238,10 +271,12 @@ class Session:
             if cached is not None:
                 cached.store(result)
         self.state.eval_counts[evaluated.name] = {"scored": result.scored, "unlabeled": result.unlabeled}
-        for name, value in result.extra.items():
-            matrix = self.state.extra.setdefault(
-                name, [[None] * len(self.tasks) for _ in range(len(self.tasks) + 1)]
-            )
+        entries = {**result.extra}
+        if result.row_accuracy:  # row counts, for the averages over test rows (micro)
+            entries.update({"correct": result.correct, "scored": result.scored})
+        for name, value in entries.items():
+            table = self.state.counts if name in ("correct", "scored") else self.state.extra
+            matrix = table.setdefault(name, [[None] * len(self.tasks) for _ in range(len(self.tasks) + 1)])
             matrix[row][column] = value
         if self.state_.is_main_process and row > 0 and result.predictions is not None:
             self._write_predictions(row, column, result.predictions)
@@ -284,8 +319,12 @@ class Session:
                 "model": cfg.model.model_name_or_path,
                 "seed": cfg.training.seed,
                 "wall_time_s": round(wall_time, 1),
+                "eval_mode": cfg.generating.eval_mode,
+                "eval_split": cfg.data.eval_split,
                 "eval_counts": self.state.eval_counts,
+                **micro_metrics(self.state.counts.get("correct"), self.state.counts.get("scored")),
                 **({"extra_matrices": self.state.extra} if self.state.extra else {}),
+                **({"method_info": info} if (info := self.method.report_info()) else {}),
                 "title": f"{cfg.cl.cl_method} on {cfg.model.model_name_or_path}",
             },
         )

@@ -45,6 +45,8 @@ class RunState:
     eval_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     #: Named extra figures of the evaluations (`Score.extra`), one (T+1) x T matrix per name.
     extra: dict[str, list[list[float | None]]] = field(default_factory=dict)
+    #: Row counts of each entry scored as a row accuracy: {"correct": matrix, "scored": matrix}.
+    counts: dict[str, list[list[int | None]]] = field(default_factory=dict)
     #: Wall time of every invocation of this run so far.
     wall_time_s: float = 0.0
     finished: bool = False
@@ -66,6 +68,7 @@ class RunState:
             "matrix": self.matrix,
             "eval_counts": self.eval_counts,
             "extra_matrices": self.extra,
+            "counts": self.counts,
             "wall_time_s": round(self.wall_time_s, 3),
             "finished": self.finished,
         }
@@ -80,6 +83,7 @@ class RunState:
             matrix=data["matrix"],
             eval_counts=data.get("eval_counts", {}),
             extra=data.get("extra_matrices", {}),
+            counts=data.get("counts", {}),
             wall_time_s=data.get("wall_time_s", 0.0),
             finished=data.get("finished", False),
         )

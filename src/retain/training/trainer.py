@@ -49,7 +49,9 @@ class LogToLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            logger.info("step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"})
+            logger.info(
+                "step %d: %s", state.global_step, {k: v for k, v in logs.items() if k != "total_flos"}
+            )
 
 
 class CLTrainer(Trainer):
@@ -69,6 +71,7 @@ class CLTrainer(Trainer):
                 self.add_callback(quiet)
         self.add_callback(LogToLogger)
         self.method = method
+        method.loss_terms.pop()  # nothing left over from an earlier task
         self.task = task
         #: Optimizer steps of the earlier tasks: logged steps (TensorBoard, W&B, the log history) count
         #: over the whole sequence instead of restarting at 0 with every task's Trainer.
@@ -82,22 +85,47 @@ class CLTrainer(Trainer):
             accumulation_steps=self.current_gradient_accumulation_steps if model.training else 1,
             num_processes=self._token_average_factor(),
         )
-        loss = self.method.compute_loss(model, inputs, scale)
+        if not model.training:
+            loss = self.method.compute_loss(model, inputs, scale)
+            return (loss, None) if return_outputs else loss
+        parts = self.method.loss_parts(model, inputs, scale)
+        done = None
+        for part in parts[:-1]:  # backward now, so that this part's activations are freed before the next
+            value = part()
+            with self.accelerator.no_sync(model):  # gradients are synchronised once, with the last part
+                self.accelerator.backward(value)
+            done = value.detach() if done is None else done + value.detach()
+        loss = parts[-1]()
+        if done is not None:  # the whole loss is logged and checked; the earlier parts' gradients are in
+            loss = loss + done
         return (loss, None) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # The Trainer prefetches one optimizer step's micro-batches; the method sees them all first.
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
+            self.method.loss_terms.new_step()
             self.method.begin_step(batch_samples)
         return batch_samples, num_items_in_batch
 
     def log(self, logs, start_time=None):
+        if "loss" in logs:
+            logs = {**logs, **self._loss_term_means()}
         self.state.global_step += self.step_offset
         try:
             super().log(logs, start_time)
         finally:
             self.state.global_step -= self.step_offset
+
+    def _loss_term_means(self) -> dict[str, float]:
+        """Per-step means of the method's loss terms since the last log, averaged over processes."""
+        sums, steps = self.method.loss_terms.pop()
+        if not sums:
+            return {}
+        values = torch.stack(list(sums.values()))
+        if self.args.world_size > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return {name: value / max(steps, 1) for name, value in zip(sums, values.tolist(), strict=True)}
 
     def _save_checkpoint(self, model, trial):
         # The method's state first, on every process, then the Trainer's files: the Trainer writes

@@ -77,6 +77,15 @@ class ILORAArguments:
         metadata={"help": "Buffer rows replayed with each micro-batch. None: per_device_train_batch_size."},
     )
 
+    ilora_pass: str = field(
+        default="split",
+        metadata={
+            "help": "How a step's current and replayed rows are trained: 'split' (the current rows' backward "
+            "first, then the replayed rows' with the consistency loss: the activations of one half at a time) "
+            "or 'joined' (one pass over both). The gradients are the same. docs: the I-LoRA README."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_alpha <= 1.0:
             raise ConfigError("must be in [0, 1]", field="ema_alpha")
@@ -88,6 +97,8 @@ class ILORAArguments:
             raise ConfigError("must be >= 0", field="ilora_buffer_size")
         if self.ilora_replay_batch_size is not None and self.ilora_replay_batch_size < 1:
             raise ConfigError("must be a positive integer or null", field="ilora_replay_batch_size")
+        if self.ilora_pass not in ("split", "joined"):
+            raise ConfigError(f"expected 'split' or 'joined', got {self.ilora_pass!r}", field="ilora_pass")
         if self.ilora_eval_adapter not in EVAL_ADAPTERS:
             raise ConfigError("expected 'ema' or 'default'", field="ilora_eval_adapter")
         self.hidden_state_layers = _parse_layers(self.hidden_state_layers)

@@ -215,6 +215,9 @@ class ILORA(CLMethod):
     """I-LoRA: `default` learns, `ema` follows it by EMA and answers at evaluation."""
 
     spec = SPEC
+    sharding_limit = (
+        "its EMA update and checkpoints read the whole weights of the `default` and `ema` adapters"
+    )
     task_dir_pattern = "ilora_task{id}"
 
     def __init__(self, config):
@@ -226,6 +229,10 @@ class ILORA(CLMethod):
             logger.warning(
                 "note: 'ema_adapter_path' is not used: there is no previous_task_model to continue from"
             )
+        # Two backward passes per micro-batch: not under DeepSpeed, whose engine counts one per micro-batch.
+        self.split = args.ilora_pass == "split" and not config.training.deepspeed
+        if args.ilora_pass == "split" and not self.split and state.is_main_process:
+            logger.warning("note: 'ilora_pass': split is not used under DeepSpeed; the joined pass trains")
         # Each process keeps its own buffer (it sees its own shard of the data).
         rank = state.process_index
         self.buffer = Buffer(args.ilora_buffer_size, seed=config.training.seed + rank)
@@ -447,8 +454,13 @@ class ILORA(CLMethod):
 
     def compute_loss(self, model, inputs, scale: LossScale) -> torch.Tensor:
         """`(L_cur + L_buf)/2 + consistency_weight * l_cons` when the step replays rows, else `L_cur`."""
+        return sum(part() for part in self.loss_parts(model, inputs, scale))
+
+    def loss_parts(self, model, inputs, scale: LossScale) -> list:
+        """One part (`joined`: current and replayed rows in one pass) or two (`split`: `L_cur / 2`, then
+        `L_buf / 2 + consistency_weight * l_cons`), which the trainer backpropagates one after the other."""
         if not model.training:
-            return causal_lm_loss(model, inputs, scale)
+            return [lambda: causal_lm_loss(model, inputs, scale)]
         if not self._plan:
             raise TrainingError(
                 "I-LoRA's compute_loss ran without a planned replay batch: the trainer must call "
@@ -456,39 +468,65 @@ class ILORA(CLMethod):
             )
         chunk = self._plan.popleft()
         if not chunk.step_has_replay:
-            return causal_lm_loss(model, inputs, scale)
+            return [lambda: causal_lm_loss(model, inputs, scale)]
         if chunk.batch is None:  # the buffer had too few rows to give this micro-batch any
-            return 0.5 * causal_lm_loss(model, inputs, scale)
-
+            return [lambda: 0.5 * causal_lm_loss(model, inputs, scale)]
         device = inputs["input_ids"].device
         replay = {k: v.to(device, non_blocking=True) for k, v in chunk.batch.items()}
+        if self.split:
+            return [
+                lambda: 0.5 * causal_lm_loss(model, inputs, scale),
+                lambda: self._replay_loss(model, replay, chunk),
+            ]
+        return [lambda: self._joined_loss(model, inputs, replay, chunk, scale)]
+
+    def _joined_loss(self, model, inputs, replay, chunk: _ReplayChunk, scale: LossScale) -> torch.Tensor:
         joined = concat_right_padded(inputs, replay, self.buffer.pad_id)
         keep, targets = shifted_targets(joined["labels"])
-        use_cons = self.args.consistency_weight > 0
-        # One plastic forward over the current and the replayed rows together.
-        out = model(
-            input_ids=joined["input_ids"],
-            attention_mask=joined["attention_mask"],
-            logits_to_keep=keep,
-            output_hidden_states=self.layer_indices if use_cons else None,
-            use_cache=False,
-        )
+        out = self._plastic_pass(model, joined, keep)
         n_cur = inputs["input_ids"].size(0)
         cur_sum, cur_count = token_ce_sum(out.logits[:n_cur], targets[:n_cur])
         buf_sum, _ = token_ce_sum(out.logits[n_cur:], targets[n_cur:])
-        l_cur = scale.token_mean(cur_sum, cur_count)
-        # Mean over the step's replayed label tokens (per process; DDP then averages the processes).
+        width = replay["input_ids"].size(1)
+        plastic = (
+            [out.hidden_states[i][n_cur:, :width] for i in self.layer_indices] if self._use_cons else None
+        )
+        return 0.5 * scale.token_mean(cur_sum, cur_count) + self._replay_terms(
+            buf_sum, plastic, replay, chunk
+        )
+
+    def _replay_loss(self, model, replay, chunk: _ReplayChunk) -> torch.Tensor:
+        keep, targets = shifted_targets(replay["labels"])
+        out = self._plastic_pass(model, replay, keep)
+        buf_sum, _ = token_ce_sum(out.logits, targets)
+        plastic = [out.hidden_states[i] for i in self.layer_indices] if self._use_cons else None
+        return self._replay_terms(buf_sum, plastic, replay, chunk)
+
+    def _plastic_pass(self, model, batch, keep):
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=keep,
+            output_hidden_states=self.layer_indices if self._use_cons else None,
+            use_cache=False,
+        )
+
+    def _replay_terms(self, buf_sum, plastic, replay, chunk: _ReplayChunk) -> torch.Tensor:
+        """`L_buf / 2 + consistency_weight * l_cons`; L_buf is the mean over the step's replayed label
+        tokens (per process; DDP then averages the processes)."""
         l_buf = LossScale(num_items=chunk.step_label_tokens).token_mean(buf_sum, chunk.step_label_tokens)
-        loss = 0.5 * (l_cur + l_buf)
-        if use_cons:
-            width = replay["input_ids"].size(1)
-            plastic = [out.hidden_states[i][n_cur:, :width] for i in self.layer_indices]
+        loss = 0.5 * l_buf
+        if plastic is not None:
             stable = self.stable_hidden_states(replay)
             l_cons = self.compute_consistency_loss(
                 plastic, stable, replay["attention_mask"], num_tokens=chunk.step_real_tokens
             )
             loss = loss + self.args.consistency_weight * l_cons
         return loss
+
+    @property
+    def _use_cons(self) -> bool:
+        return self.args.consistency_weight > 0
 
     @torch.no_grad()
     def stable_hidden_states(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ from retain.model.adapters import adapter_parameters
 
 class MultiTask(Seq):
     spec = SPEC
+    sharding_limit = "each task starts from a copy of the initial adapter's whole weights"
 
     def __init__(self, config):
         super().__init__(config)

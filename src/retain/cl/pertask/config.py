@@ -10,7 +10,7 @@ PEFT_TYPES = ("PromptTuning", "LoRA")
 CLASSIFIERS = ("Linear", "CosineLinear")
 CLASSIFICATION_TYPES = ("sentence-level", "word-level")
 IL_MODES = ("CIL", "TIL")
-ROUTINGS = ("all", "hard")
+ROUTINGS = ("all", "hard", "soft")
 POOLINGS = ("auto", "cls", "last", "mean")
 
 
@@ -85,8 +85,10 @@ class PEFTArguments:
     newlora_routing: str = field(
         default="all",
         metadata={
-            "help": "CIL evaluation with NewLoRA: 'all' runs every seen task's adapter and head (T passes); "
-            "'hard' lets the router pick one task per row (one feature pass plus one adapter pass)."
+            "help": "CIL evaluation with NewLoRA: 'all' runs every seen task's adapter and head (T passes) and "
+            "takes the highest logit; 'hard' lets the router pick one task per row (one feature pass plus one "
+            "adapter pass); 'soft' weighs each head's log-softmax by the log of the router's weight for the row "
+            "(T passes, as 'all'). docs/methods/peft.md."
         },
     )
     pooling: str = field(
@@ -144,10 +146,16 @@ class PEFTArguments:
                 "word-level classification needs a classifier head (Linear or CosineLinear)",
                 field="classification_type",
             )
-        if self.newlora_routing == "hard":
+        if self.newlora_routing in ("hard", "soft"):
             if self.classifier is None or self.Sub_PEFT_type != "NewLoRA":
                 raise ConfigError(
-                    "hard routing needs the NewLoRA router: set a classifier and Sub_PEFT_type: NewLoRA",
+                    f"{self.newlora_routing} routing needs the NewLoRA router: set a classifier and "
+                    "Sub_PEFT_type: NewLoRA",
+                    field="newlora_routing",
+                )
+            if self.newlora_routing == "soft" and self.classification_type == "word-level":
+                raise ConfigError(
+                    "soft routing weighs sentence-level heads; word-level heads share the O tag",
                     field="newlora_routing",
                 )
             if self.il_mode != "CIL":

@@ -71,3 +71,17 @@ def preference_sum(weights: torch.Tensor, task: int) -> torch.Tensor:
 def route(weights: torch.Tensor, seen: int) -> torch.Tensor:
     """Hard routing: the index of the highest weight among the first `seen` tasks, per row."""
     return weights[:, :seen].argmax(dim=-1)
+
+
+def soft_scores(head_logits: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Soft task selection: each seen task j's head log-softmax plus the log of the row's router weight
+    for j, concatenated over the heads (global label order); the prediction is their argmax.
+
+    `head_logits[j]` is [B, C_j]; `weights` [B, T] holds each row's own router outputs (T >= the heads).
+    One-hot weights give hard routing's answer; equal weights give `all` over log-softmax-normalised heads.
+    """
+    parts = [
+        F.log_softmax(logits.float(), dim=-1) + torch.log(weights[:, j : j + 1].float())
+        for j, logits in enumerate(head_logits)
+    ]
+    return torch.cat(parts, dim=-1)

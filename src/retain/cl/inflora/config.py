@@ -1,0 +1,40 @@
+"""InfLoRA's config keys (EasyCL has no InfLoRA; the paper's values are in docs/methods/inflora.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from retain.errors import ConfigError
+
+
+@dataclass
+class InfLoRAArguments:
+    use_inflora: bool = field(
+        default=False, metadata={"help": "Whether to use InfLoRA (same as `cl_method: inflora`)."}
+    )
+    inflora_threshold: float = field(
+        default=0.97,
+        metadata={
+            "help": "The paper's epsilon, in [0, 1]: after each task, the stored input subspace of every "
+            "target layer grows until it holds this share of the energy (squared norm) of the task's inputs "
+            "to that layer. Higher protects earlier tasks more and leaves later tasks fewer directions; 0 "
+            "stores nothing (no protection)."
+        },
+    )
+    inflora_samples: int = field(
+        default=256,
+        metadata={
+            "help": "Train rows (>= 1) of each task whose inputs to the target layers (every real token, "
+            "prompt and answer) design the task's A before it trains and grow the subspace after it (a "
+            "seeded random choice; all rows when the task has fewer)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.inflora_threshold) and 0.0 <= self.inflora_threshold <= 1.0):
+            raise ConfigError(f"must be in [0, 1], got {self.inflora_threshold}", field="inflora_threshold")
+        if isinstance(self.inflora_samples, bool) or self.inflora_samples < 1:
+            raise ConfigError(
+                f"must be a positive integer, got {self.inflora_samples}", field="inflora_samples"
+            )

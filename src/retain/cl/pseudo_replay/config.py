@@ -1,0 +1,62 @@
+"""pseudo_replay's config keys: EasyCL's names and defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from retain.errors import ConfigError
+
+
+@dataclass
+class PseudoReplayArguments:
+    """Arguments of the pseudo_replay method (docs/methods/pseudo_replay.md)."""
+
+    use_pseudo_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "Whether to use pseudo-replay (same as `cl_method: pseudo_replay`; EasyCL's switch)."
+        },
+    )
+    base_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model that writes the pseudo-rows. None or the run's model_name_or_path: the run's "
+            "model with its adapters disabled (no second copy); another path or alias loads a second model."
+        },
+    )
+    num_samples_per_task: int = field(
+        default=200,
+        metadata={
+            "help": "Rows (>= 0) generated for each finished task; malformed and repeated ones are dropped and "
+            "counted (pseudo/summary.json). 0: nothing replayed (exactly seq). EasyCL's default, 200."
+        },
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature (> 0) of the generation (top_p 0.95, top_k 40). EasyCL's, 1.0."
+        },
+    )
+    num_shots: int = field(
+        default=5,
+        metadata={
+            "help": "Real train rows of the task (>= 1, a seeded draw) shown in the few-shot prompt when the "
+            "task ends; none is kept afterwards. EasyCL's default, 5."
+        },
+    )
+    pseudo_samples_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "
+            "this is set, every file is also copied there (with a dataset_info.json)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_samples_per_task < 0:
+            raise ConfigError("must be >= 0", field="num_samples_per_task")
+        if not math.isfinite(self.generation_temperature) or self.generation_temperature <= 0:
+            raise ConfigError("must be a finite number > 0", field="generation_temperature")
+        if self.num_shots < 1:
+            raise ConfigError("must be a positive integer", field="num_shots")
