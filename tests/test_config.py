@@ -73,7 +73,7 @@ def test_two_methods_is_an_error():
 def test_unknown_method_and_foreign_key():
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         parse_config({**BASE, "cl_method": "nope"})
-    with pytest.raises(ConfigError, match="belongs to method 'replay'"):
+    with pytest.raises(ConfigError, match="belongs to methods 'gem', 'replay'"):
         parse_config({**BASE, "replay_ratio": 0.3})
 
 

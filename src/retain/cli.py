@@ -169,6 +169,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accept_global_flags(p: argparse.ArgumentParser) -> None:
+    """--debug and --verbose also after the subcommand; SUPPRESS keeps a flag given before it."""
+    for flag in ("--debug", "--verbose"):
+        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     """The command line. The sub-benchmarks' options are added only for `retain bench` (they import torch)."""
     parser = argparse.ArgumentParser(prog="retain", description="Continual learning for language models.")
@@ -186,39 +192,34 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
         p.add_argument("--force", action="store_true", help="continue a run even if the config changed")
-        for flag in (
-            "--debug",
-            "--verbose",
-        ):  # also after the subcommand; SUPPRESS keeps a flag given before it
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p = sub.add_parser(
-        "cl_workflow",
-        help="EasyCL's command line: --mode train_only|eval_only|train_then_eval|full_workflow --train_params X.yaml",
-        description="Runs EasyCL's `cl_workflow` arguments as one retain run (see retain.workflow).",
-    )
-    from retain.workflow import add_arguments
-
-    add_arguments(p)
-    for flag in ("--debug", "--verbose"):
-        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p = sub.add_parser(
-        "study",
-        help="a grid of runs from a spec: --list, --cell I, --lanes N, --report (benchmarks/studies/)",
-        description="Runs the cells of a study spec (methods x orders x seeds ...); see retain.study.",
-    )
-    from retain.study import add_arguments as add_study_arguments
-
-    add_study_arguments(p)
-    for flag in ("--debug", "--verbose"):
-        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p = sub.add_parser(
-        "export",
-        help="write a run's trained weights as PEFT adapter folder(s), or with --merge as a full model",
-        description="Exports the state after a task of a finished or partial run (see retain.export).",
-    )
+        _accept_global_flags(p)
     from retain.export import add_arguments as add_export_arguments
+    from retain.study import add_arguments as add_study_arguments
+    from retain.workflow import add_arguments as add_workflow_arguments
 
-    add_export_arguments(p)
+    for name, text, description, add_arguments in (
+        (
+            "cl_workflow",
+            "EasyCL's command line: --mode train_only|eval_only|train_then_eval|full_workflow --train_params X.yaml",
+            "Runs EasyCL's `cl_workflow` arguments as one retain run (see retain.workflow).",
+            add_workflow_arguments,
+        ),
+        (
+            "study",
+            "a grid of runs from a spec: --list, --cell I, --lanes N, --report (benchmarks/studies/)",
+            "Runs the cells of a study spec (methods x orders x seeds ...); see retain.study.",
+            add_study_arguments,
+        ),
+        (
+            "export",
+            "write a run's trained weights as PEFT adapter folder(s), or with --merge as a full model",
+            "Exports the state after a task of a finished or partial run (see retain.export).",
+            add_export_arguments,
+        ),
+    ):
+        p = sub.add_parser(name, help=text, description=description)
+        add_arguments(p)
+        _accept_global_flags(p)
     p = sub.add_parser("report", help="rebuild the report from a run's metrics.json")
     p.add_argument("run_dir")
     p = sub.add_parser("models", help="list the offline model aliases, or prepare them")

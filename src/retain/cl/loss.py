@@ -59,6 +59,16 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], scal
     return scale.token_mean(total, count)
 
 
+def logged_causal_lm_loss(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], scale: LossScale, terms: LossTerms
+) -> torch.Tensor:
+    """`causal_lm_loss`, also logged as `loss_ce` in training (for methods whose loss is the CE alone)."""
+    loss = causal_lm_loss(model, inputs, scale)
+    if model.training:
+        terms.add(loss_ce=loss)
+    return loss
+
+
 def causal_lm_sums(
     model: torch.nn.Module, inputs: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,6 +124,20 @@ def load_tasks(data: DataArguments) -> list[TaskData]:
     return [load_task(dataset_dir, info, name, data) for name in names]
 
 
+def load_encoded_tasks(
+    dataset_dir: str, names: list[str], data: DataArguments, builder: PromptBuilder
+) -> list[TaskData]:
+    """Tasks outside the run's sequence (e.g. EasyCL's replay_task_list), read and encoded."""
+    if not names:
+        return []
+    folder = resolve_dataset_dir(dataset_dir)
+    info = load_dataset_info(folder)
+    tasks = [load_task(folder, info, name, data) for name in names]
+    for task in tasks:
+        encode_task(task, builder, data.cutoff_len)
+    return tasks
+
+
 def encode_task(task: TaskData, builder: PromptBuilder, cutoff_len: int) -> None:
     """Fill `task.train_rows`; rows whose answer is cut away entirely are dropped and counted."""
     rows, truncated, dropped = [], 0, 0

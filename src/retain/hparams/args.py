@@ -2,67 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        default="",
-        metadata={
-            "help": "A local HF model directory, a .gguf file, an offline alias "
-            "(tiny-random-llama, smollm2-135m-instruct, all-minilm-l6-v2), or a hub id."
-        },
+    model_name_or_path: str = option(
+        "",
+        "A local HF model directory, a .gguf file, an offline alias "
+        "(tiny-random-llama, smollm2-135m-instruct, all-minilm-l6-v2), or a hub id.",
     )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Accepted for LLaMA-Factory configs, but retain never runs code shipped with a model: "
-            "the model must be one that transformers supports."
-        },
+    trust_remote_code: bool = option(
+        False,
+        "Accepted for LLaMA-Factory configs, but retain never runs code shipped with a model: "
+        "the model must be one that transformers supports.",
     )
-    model_cache_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Where offline aliases are converted and cached (default: $RETAIN_CACHE or ~/.cache/retain)."
-        },
+    model_cache_dir: str | None = option(
+        None, "Where offline aliases are converted and cached (default: $RETAIN_CACHE or ~/.cache/retain)."
     )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the base weights: auto (the checkpoint's dtype on a GPU, float32 on a CPU), float32, "
-            "bfloat16 or float16. LoRA weights and methods' state stay float32 (docs/models.md)."
-        },
+    torch_dtype: str = option(
+        "auto",
+        "dtype of the base weights: auto (the checkpoint's dtype on a GPU, float32 on a CPU), float32, "
+        "bfloat16 or float16. LoRA weights and methods' state stay float32 (docs/models.md).",
     )
-    device_map: str | None = field(
-        default=None,
-        metadata={
-            "help": "transformers' device_map for one process (auto, cpu, cuda:0, ...): spread or place the base "
-            "model. None: the training device. Not with several processes."
-        },
+    device_map: str | None = option(
+        None,
+        "transformers' device_map for one process (auto, cpu, cuda:0, ...): spread or place the base "
+        "model. None: the training device. Not with several processes.",
     )
-    flash_attn: str = field(
-        default="auto",
-        metadata={
-            "help": "Attention kernel (LLaMA-Factory's key): auto (transformers' choice), disabled (eager), sdpa, "
-            "or fa2 (flash_attention_2, needs the flash-attn package and a GPU)."
-        },
+    flash_attn: str = option(
+        "auto",
+        "Attention kernel (LLaMA-Factory's key): auto (transformers' choice), disabled (eager), sdpa, "
+        "or fa2 (flash_attention_2, needs the flash-attn package and a GPU).",
     )
-    quantization_bit: int | None = field(
-        default=None,
-        metadata={
-            "help": "Load the base weights in 4 or 8 bits (QLoRA through bitsandbytes). None: no quantization."
-        },
+    quantization_bit: int | None = option(
+        None, "Load the base weights in 4 or 8 bits (QLoRA through bitsandbytes). None: no quantization."
     )
-    quantization_method: str = field(
-        default="bitsandbytes", metadata={"help": "Only 'bitsandbytes' (LLaMA-Factory's key)."}
-    )
-    quantization_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 (QLoRA's) or fp4."})
-    double_quantization: bool = field(
-        default=True,
-        metadata={"help": "4-bit: also quantize the quantization constants (QLoRA's double quantization)."},
+    quantization_method: str = option("bitsandbytes", "Only 'bitsandbytes' (LLaMA-Factory's key).")
+    quantization_type: str = option("nf4", "4-bit data type: nf4 (QLoRA's) or fp4.")
+    double_quantization: bool = option(
+        True, "4-bit: also quantize the quantization constants (QLoRA's double quantization)."
     )
 
     def __post_init__(self) -> None:
@@ -106,47 +88,31 @@ TEMPLATE_NAMES = (
 
 @dataclass
 class DataArguments:
-    cl_tasks: list[str] | None = field(
-        default=None, metadata={"help": "Comma-separated task names, in training order, from dataset_dir."}
+    cl_tasks: list[str] | None = option(
+        None, "Comma-separated task names, in training order, from dataset_dir."
     )
-    dataset_dir: str = field(
-        default="data", metadata={"help": "Folder holding dataset_info.json and the data files."}
+    dataset_dir: str = option("data", "Folder holding dataset_info.json and the data files.")
+    benchmark: str | None = option(None, "Benchmark name in benchmark_info.json (instead of cl_tasks).")
+    benchmark_order: str | None = option(None, "Named task order of the benchmark.")
+    benchmark_dir: str | None = option(
+        None,
+        "Folder holding benchmark_info.json and dataset_info.json. Default: the copy shipped with "
+        "retain for the benchmarks it ships (LNT; see `retain benchmarks`), else dataset_dir.",
     )
-    benchmark: str | None = field(
-        default=None, metadata={"help": "Benchmark name in benchmark_info.json (instead of cl_tasks)."}
+    template: str = option(
+        "auto",
+        "Prompt format by LLaMA-Factory's template names: 'auto' (the tokenizer's chat template, else "
+        "plain), a chat family (llama3, qwen, chatml, mistral, gemma: the tokenizer's own template when it is of "
+        "that family, else retain's), or a text format (plain = alpaca, default, empty). Other names: auto.",
     )
-    benchmark_order: str | None = field(default=None, metadata={"help": "Named task order of the benchmark."})
-    benchmark_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder holding benchmark_info.json and dataset_info.json. Default: the copy shipped with "
-            "retain for the benchmarks it ships (LNT; see `retain benchmarks`), else dataset_dir."
-        },
+    eval_split: str = option(
+        "test",
+        "The split every matrix entry is scored on: 'test' (entries <task>_test) or 'dev' (<task>_dev; "
+        "the shipped benchmarks cut it from the train rows). Tune hyperparameters on dev, report test.",
     )
-    template: str = field(
-        default="auto",
-        metadata={
-            "help": "Prompt format by LLaMA-Factory's template names: 'auto' (the tokenizer's chat template, else "
-            "plain), a chat family (llama3, qwen, chatml, mistral, gemma: the tokenizer's own template when it is of "
-            "that family, else retain's), or a text format (plain = alpaca, default, empty). Other names: auto."
-        },
-    )
-    eval_split: str = field(
-        default="test",
-        metadata={
-            "help": "The split every matrix entry is scored on: 'test' (entries <task>_test) or 'dev' (<task>_dev; "
-            "the shipped benchmarks cut it from the train rows). Tune hyperparameters on dev, report test."
-        },
-    )
-    cutoff_len: int = field(
-        default=1024, metadata={"help": "Maximum tokens per training row (prompt + answer)."}
-    )
-    max_samples: int | None = field(
-        default=None, metadata={"help": "Train rows per task (first N). None: all."}
-    )
-    eval_max_samples: int | None = field(
-        default=None, metadata={"help": "Test rows per task (first N). None: all."}
-    )
+    cutoff_len: int = option(1024, "Maximum tokens per training row (prompt + answer).")
+    max_samples: int | None = option(None, "Train rows per task (first N). None: all.")
+    eval_max_samples: int | None = option(None, "Test rows per task (first N). None: all.")
 
     def __post_init__(self) -> None:
         if self.eval_split not in ("test", "dev"):
@@ -171,15 +137,12 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    finetuning_type: str = field(default="lora", metadata={"help": "Adapter type. Only 'lora' is supported."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha. None: 2 * lora_rank."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
-    lora_target: str = field(
-        default="all",
-        metadata={
-            "help": "Comma-separated module names to adapt, or 'all' for every linear layer but the head."
-        },
+    finetuning_type: str = option("lora", "Adapter type. Only 'lora' is supported.")
+    lora_rank: int = option(8, "LoRA rank r.")
+    lora_alpha: float | None = option(None, "LoRA alpha. None: 2 * lora_rank.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.")
+    lora_target: str = option(
+        "all", "Comma-separated module names to adapt, or 'all' for every linear layer but the head."
     )
 
     def __post_init__(self) -> None:
@@ -197,35 +160,25 @@ class FinetuningArguments:
 
 @dataclass
 class GeneratingArguments:
-    max_new_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens generated per test row. None: the longest answer of the task's train split plus 2."
-        },
+    max_new_tokens: int | None = option(
+        None, "Tokens generated per test row. None: the longest answer of the task's train split plus 2."
     )
 
-    eval_prefix_cache: bool = field(
-        default=True,
-        metadata={
-            "help": "Run the prompt prefix shared by a task's test rows (system prompt, instruction) once and "
-            "reuse its KV cache for every batch. Predictions are the same; prefill work drops."
-        },
+    eval_prefix_cache: bool = option(
+        True,
+        "Run the prompt prefix shared by a task's test rows (system prompt, instruction) once and "
+        "reuse its KV cache for every batch. Predictions are the same; prefill work drops.",
     )
 
-    eval_mode: str = field(
-        default="generate",
-        metadata={
-            "help": "How a classification task (one with a label_list) is scored: 'generate' (greedy answers, "
-            "exact match), 'choice' (the label whose tokens are most likely after the prompt: does the model "
-            "still know, whatever format it would write), or 'both' (generate for the matrix, plus choice's "
-            "accuracy and the two modes' agreement as extra matrices). Tasks without labels are generated."
-        },
+    eval_mode: str = option(
+        "generate",
+        "How a classification task (one with a label_list) is scored: 'generate' (greedy answers, "
+        "exact match), 'choice' (the label whose tokens are most likely after the prompt: does the model "
+        "still know, whatever format it would write), or 'both' (generate for the matrix, plus choice's "
+        "accuracy and the two modes' agreement as extra matrices). Tasks without labels are generated.",
     )
-    choice_normalization: str = field(
-        default="sum",
-        metadata={
-            "help": "choice: rank labels by the 'sum' of their tokens' log-likelihoods, or the per-token 'mean'."
-        },
+    choice_normalization: str = option(
+        "sum", "choice: rank labels by the 'sum' of their tokens' log-likelihoods, or the per-token 'mean'."
     )
 
     def __post_init__(self) -> None:
@@ -243,42 +196,32 @@ class GeneratingArguments:
 class CLArguments:
     """Arguments shared by every continual-learning method."""
 
-    cl_method: str = field(default="seq", metadata={"help": "The method (see `retain methods`)."})
-    eval_scope: str = field(
-        default="all",
-        metadata={
-            "help": "'all': after each task, evaluate every task. 'seen': only tasks seen so far and the next "
-            "one (enough for Last, Avg, BWT, FWT and forgetting)."
-        },
+    cl_method: str = option("seq", "The method (see `retain methods`).")
+    eval_scope: str = option(
+        "all",
+        "'all': after each task, evaluate every task. 'seen': only tasks seen so far and the next "
+        "one (enough for Last, Avg, BWT, FWT and forgetting).",
     )
-    eval_base: bool = field(
-        default=True, metadata={"help": "Evaluate the base model first (row 0, needed for FWT)."}
+    eval_base: bool = option(True, "Evaluate the base model first (row 0, needed for FWT).")
+    eval_base_cache: bool = option(
+        True,
+        "Reuse the base model's row 0 across runs: each entry is cached under $RETAIN_CACHE/eval/, "
+        "keyed by the base weights, the test rows, the prompt format and the generation settings, and "
+        "only for methods whose base evaluation is the plain one. false: always generate it.",
     )
-    eval_base_cache: bool = field(
-        default=True,
-        metadata={
-            "help": "Reuse the base model's row 0 across runs: each entry is cached under $RETAIN_CACHE/eval/, "
-            "keyed by the base weights, the test rows, the prompt format and the generation settings, and "
-            "only for methods whose base evaluation is the plain one. false: always generate it."
-        },
+    plot_loss: bool = option(
+        False,
+        "Write loss_curve.png (every task's training loss over the steps of the sequence) after each "
+        "task. LLaMA-Factory's key.",
     )
-    plot_loss: bool = field(
-        default=False,
-        metadata={
-            "help": "Write loss_curve.png (every task's training loss over the steps of the sequence) after each "
-            "task. LLaMA-Factory's key."
-        },
+    previous_task_model: str | None = option(
+        None, "A task directory saved by an earlier run; the first task here starts from it."
     )
-    previous_task_model: str | None = field(
-        default=None,
-        metadata={"help": "A task directory saved by an earlier run; the first task here starts from it."},
+    current_task_id: int | None = option(
+        None, "1-based id of the first task trained here (filled in by the runner)."
     )
-    current_task_id: int | None = field(
-        default=None,
-        metadata={"help": "1-based id of the first task trained here (filled in by the runner)."},
-    )
-    prev_task_id: int | None = field(
-        default=None, metadata={"help": "1-based id of the task that previous_task_model holds (filled in)."}
+    prev_task_id: int | None = option(
+        None, "1-based id of the task that previous_task_model holds (filled in)."
     )
 
     def __post_init__(self) -> None:

@@ -213,13 +213,12 @@ def build_run_config(values: dict[str, Any], source: str, methods: Mapping[str, 
     owners: dict[str, type] = {key: cls for cls in GROUPS.values() for key in fields_of(cls)}
     if method_cls is not None:
         owners.update({key: method_cls for key in fields_of(method_cls)})
-    foreign = {
-        key: other
-        for other, cls in methods.items()
-        if cls is not None and cls is not method_cls
-        for key in fields_of(cls)
-        if key not in owners
-    }
+    foreign: dict[str, list[str]] = {}  # key -> the other methods that accept it
+    for other, cls in sorted(methods.items()):
+        if cls is not None and cls is not method_cls:
+            for key in fields_of(cls):
+                if key not in owners:
+                    foreign.setdefault(key, []).append(other)
     training = training_fields()
     problems: dict[str, str] = {}
     for key in values:
@@ -228,7 +227,9 @@ def build_run_config(values: dict[str, Any], source: str, methods: Mapping[str, 
         if key.startswith("use_") and (key[4:] in registered or unavailable_method(key[4:], registered)):
             continue
         if key in foreign:
-            problems[key] = f"belongs to method '{foreign[key]}', but the method is '{method_name}'"
+            named = ", ".join(f"'{name}'" for name in foreign[key])
+            kind = "method" if len(foreign[key]) == 1 else "methods"
+            problems[key] = f"belongs to {kind} {named}, but the method is '{method_name}'"
         elif owned := unavailable_key_owners(key, registered):
             problems[key] = (
                 f"a key of EasyCL's {' or '.join(owned)} method, which is not available in this version"

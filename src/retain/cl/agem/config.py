@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class AGEMArguments:
     """Arguments of the A-GEM method (docs/methods/agem.md)."""
 
-    use_agem: bool = field(
-        default=False, metadata={"help": "Whether to use A-GEM (same as `cl_method: agem`)."}
+    use_agem: bool = option(False, "Whether to use A-GEM (same as `cl_method: agem`).")
+    agem_memory_size: int = option(
+        256,
+        "Rows kept per earlier task (a reservoir sample of its train rows); as gem_memory_size. "
+        "0: no memory, trains exactly like seq.",
     )
-    agem_memory_size: int = field(
-        default=256,
-        metadata={
-            "help": "Rows kept per earlier task (a reservoir sample of its train rows); as gem_memory_size. "
-            "0: no memory, trains exactly like seq."
-        },
-    )
-    agem_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Memory rows per step, drawn from all earlier tasks' memories together, whose mean loss "
-            "gives the reference gradient. Default: the optimizer step's global batch "
-            "(per_device_train_batch_size x gradient_accumulation_steps x processes)."
-        },
+    agem_batch_size: int | None = option(
+        None,
+        "Memory rows per step, drawn from all earlier tasks' memories together, whose mean loss "
+        "gives the reference gradient. Default: the optimizer step's global batch "
+        "(per_device_train_batch_size x gradient_accumulation_steps x processes).",
     )
 
     def __post_init__(self) -> None:

@@ -3,46 +3,37 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class EWCArguments:
     """Arguments of the EWC method (docs/methods/ewc.md)."""
 
-    use_ewc: bool = field(
-        default=False, metadata={"help": "Whether to use EWC (same as `cl_method: ewc`; EasyCL's switch)."}
+    use_ewc: bool = option(False, "Whether to use EWC (same as `cl_method: ewc`; EasyCL's switch).")
+    ewc_lambda: float = option(
+        10000.0,
+        "Weight (>= 0) of the penalty ewc_lambda/2 * sum F (theta - theta*)^2 on the LoRA weights. "
+        "EasyCL's default, 10000; 0 trains exactly like seq.",
     )
-    ewc_lambda: float = field(
-        default=10000.0,
-        metadata={
-            "help": "Weight (>= 0) of the penalty ewc_lambda/2 * sum F (theta - theta*)^2 on the LoRA weights. "
-            "EasyCL's default, 10000; 0 trains exactly like seq."
-        },
+    ewc_num_samples: int = option(
+        100,
+        "Train rows (>= 1) of each task whose per-row squared gradients are averaged into the "
+        "task's diagonal Fisher (a seeded random choice; all rows when the task has fewer).",
     )
-    ewc_num_samples: int = field(
-        default=100,
-        metadata={
-            "help": "Train rows (>= 1) of each task whose per-row squared gradients are averaged into the "
-            "task's diagonal Fisher (a seeded random choice; all rows when the task has fewer)."
-        },
-    )
-    ewc_gamma: float = field(
-        default=1.0,
-        metadata={
-            "help": "Online EWC decay in [0, 1] of the Fisher of earlier tasks: F <- ewc_gamma * F + F_task "
-            "after each task. 1.0: a plain sum over tasks; 0: the last task's Fisher only."
-        },
+    ewc_gamma: float = option(
+        1.0,
+        "Online EWC decay in [0, 1] of the Fisher of earlier tasks: F <- ewc_gamma * F + F_task "
+        "after each task. 1.0: a plain sum over tasks; 0: the last task's Fisher only.",
     )
 
-    previous_task_data: str | None = field(
-        default=None,
-        metadata={
-            "help": "EasyCL's: the earlier task's data to compute its Fisher on. Accepted and not used: retain "
-            "computes each task's Fisher when the task ends and saves it with the task (previous_task_model)."
-        },
+    previous_task_data: str | None = option(
+        None,
+        "EasyCL's: the earlier task's data to compute its Fisher on. Accepted and not used: retain "
+        "computes each task's Fisher when the task ends and saves it with the task (previous_task_model).",
     )
 
     def __post_init__(self) -> None:

@@ -3,67 +3,43 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from retain.cl.listed_tasks import ListedTasksArguments
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 #: Rows per earlier task when neither gem_memory_size nor EasyCL's replay_ratio is given (the GEM paper's 256).
 DEFAULT_MEMORY_SIZE = 256
 
 
 @dataclass
-class GEMArguments:
+class GEMArguments(ListedTasksArguments):
     """Arguments of the GEM method (docs/methods/gem.md)."""
 
-    use_gem: bool = field(
-        default=False, metadata={"help": "Whether to use GEM (same as `cl_method: gem`; EasyCL's switch)."}
+    use_gem: bool = option(False, "Whether to use GEM (same as `cl_method: gem`; EasyCL's switch).")
+    gem_memory_strength: float = option(
+        0.5,
+        "GEM's margin (EasyCL's key and default; the original code's memory_strength): when the "
+        "step's gradient conflicts with an earlier task, every dual variable is at least this, i.e. "
+        "g + gem_memory_strength * sum_k g_k is projected. 0: the plain projection. Finite, >= 0.",
     )
-    gem_memory_strength: float = field(
-        default=0.5,
-        metadata={
-            "help": "GEM's margin (EasyCL's key and default; the original code's memory_strength): when the "
-            "step's gradient conflicts with an earlier task, every dual variable is at least this, i.e. "
-            "g + gem_memory_strength * sum_k g_k is projected. 0: the plain projection. Finite, >= 0."
-        },
+    gem_memory_size: int | None = option(
+        None,
+        f"Rows kept per earlier task (a reservoir sample of its train rows). Default "
+        f"{DEFAULT_MEMORY_SIZE} (the GEM paper's) unless replay_ratio is set. 0: no memory, trains "
+        "exactly like seq.",
     )
-    gem_memory_size: int | None = field(
-        default=None,
-        metadata={
-            "help": f"Rows kept per earlier task (a reservoir sample of its train rows). Default "
-            f"{DEFAULT_MEMORY_SIZE} (the GEM paper's) unless replay_ratio is set. 0: no memory, trains "
-            "exactly like seq."
-        },
+    gem_batch_size: int | None = option(
+        None,
+        "Memory rows per earlier task and step whose mean loss gives that task's reference "
+        "gradient. Default: the optimizer step's global batch (per_device_train_batch_size x "
+        "gradient_accumulation_steps x processes).",
     )
-    gem_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Memory rows per earlier task and step whose mean loss gives that task's reference "
-            "gradient. Default: the optimizer step's global batch (per_device_train_batch_size x "
-            "gradient_accumulation_steps x processes)."
-        },
-    )
-    replay_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "EasyCL's memory size: the share (0..1) of each earlier task's train rows kept in its "
-            "memory, instead of gem_memory_size."
-        },
-    )
-    replay_task_list: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "EasyCL: comma-separated earlier tasks whose memories constrain the update (default: every "
-            "earlier task). Tasks this run has not trained are read from previous_task_dataset (else "
-            "dataset_dir)."
-        },
-    )
-    maxsamples_list: list[int] | None = field(
-        default=None,
-        metadata={"help": "EasyCL: memory rows of each replay_task_list task, in the same order."},
-    )
-    previous_task_dataset: str | None = field(
-        default=None,
-        metadata={"help": "EasyCL: the folder (with dataset_info.json) holding the replay_task_list tasks."},
+    replay_ratio: float | None = option(
+        None,
+        "EasyCL's memory size: the share (0..1) of each earlier task's train rows kept in its "
+        "memory, instead of gem_memory_size.",
     )
 
     def __post_init__(self) -> None:
@@ -82,24 +58,13 @@ class GEMArguments:
             raise ConfigError("must be >= 0", field="gem_memory_size")
         if self.gem_batch_size is not None and self.gem_batch_size < 1:
             raise ConfigError("must be >= 1 (or unset: the step's global batch)", field="gem_batch_size")
-        if self.maxsamples_list is not None:
-            if self.replay_task_list is None:
-                raise ConfigError(
-                    "needs replay_task_list (one count per listed task)", field="maxsamples_list"
-                )
-            if len(self.maxsamples_list) != len(self.replay_task_list):
-                raise ConfigError(
-                    f"has {len(self.maxsamples_list)} entries but replay_task_list has "
-                    f"{len(self.replay_task_list)}",
-                    field="maxsamples_list",
-                )
-            if any(count < 0 for count in self.maxsamples_list):
-                raise ConfigError("counts must be >= 0", field="maxsamples_list")
+        self.check_listed_tasks()
 
     def memory_size(self, task: str, num_rows: int) -> int:
         """Rows of `task` (with `num_rows` train rows) kept in its memory."""
-        if self.maxsamples_list is not None and task in (self.replay_task_list or []):
-            return min(self.maxsamples_list[self.replay_task_list.index(task)], num_rows)
+        listed = self.listed_count(task, num_rows)
+        if listed is not None:
+            return listed
         if self.replay_ratio is not None:
             return int(num_rows * self.replay_ratio)
         return min(self.gem_memory_size or 0, num_rows)

@@ -16,9 +16,7 @@ from retain.cl.gem.config import GEMArguments
 from retain.cl.projection.math import Projection, gem_project
 from retain.cl.projection.memory import draw_per_task
 from retain.cl.projection.method import GradientProjection
-from retain.data.builtin import resolve_dataset_dir
-from retain.data.registry import load_dataset_info
-from retain.data.tasks import encode_task, load_task
+from retain.data.tasks import load_encoded_tasks
 
 MEMORY_FILE = "gem_memory.safetensors"
 
@@ -67,15 +65,8 @@ class GEM(GradientProjection):
 
     def _read_listed_tasks(self) -> None:
         """Memories for `replay_task_list` tasks that are neither in memory nor tasks of this run."""
-        own = {t.name for t in self.tasks}
-        listed = self.args.replay_task_list or []
-        missing = [name for name in listed if name not in self.memory.groups and name not in own]
-        if not missing:
-            return
-        folder = resolve_dataset_dir(self.args.previous_task_dataset or self.config.data.dataset_dir)
-        info = load_dataset_info(folder)
-        for name in missing:
-            data = load_task(folder, info, name, self.config.data)
-            encode_task(data, self.builder, self.config.data.cutoff_len)
-            size = self.memory_size(name, len(data.train_rows))
-            self.memory.add_task(name, data.train_rows, size, self.config.training.seed)
+        unseen = self.args.unseen_tasks(set(self.memory.groups) | {t.name for t in self.tasks})
+        folder = self.args.previous_tasks_dir(self.config.data.dataset_dir)
+        for data in load_encoded_tasks(folder, unseen, self.config.data, self.builder):
+            size = self.memory_size(data.name, len(data.train_rows))
+            self.memory.add_task(data.name, data.train_rows, size, self.config.training.seed)

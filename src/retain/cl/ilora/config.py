@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 PLASTIC = "default"
 STABLE = "ema"
@@ -15,47 +16,31 @@ EVAL_ADAPTERS = (STABLE, PLASTIC)
 class ILORAArguments:
     """Arguments of the I-LoRA method (the seed's names and defaults, plus two documented additions)."""
 
-    use_ilora: bool = field(
-        default=False,
-        metadata={"help": "Whether to use the I-LoRA method (same as `cl_method: ilora`)."},
+    use_ilora: bool = option(False, "Whether to use the I-LoRA method (same as `cl_method: ilora`).")
+    ema_alpha: float = option(
+        0.25,
+        "EMA coefficient in [0, 1]: the weight on the old EMA value, "
+        "ema <- a*ema + (1-a)*default with a = min(1 - 1/(t+1), ema_alpha).",
     )
-    ema_alpha: float = field(
-        default=0.25,
-        metadata={
-            "help": "EMA coefficient in [0, 1]: the weight on the old EMA value, "
-            "ema <- a*ema + (1-a)*default with a = min(1 - 1/(t+1), ema_alpha)."
-        },
+    consistency_weight: float = option(1.0, "Weight (>= 0) of the hidden-state consistency loss.")
+    save_ema_adapter: bool = option(
+        True,
+        "Save the EMA adapter in each task directory (`ema/`). Needed to continue or evaluate from disk.",
     )
-    consistency_weight: float = field(
-        default=1.0, metadata={"help": "Weight (>= 0) of the hidden-state consistency loss."}
+    ema_adapter_path: str | None = option(
+        None,
+        "Read the previous task's EMA adapter from this directory instead of "
+        "`previous_task_model/ema` (requires previous_task_model).",
     )
-    save_ema_adapter: bool = field(
-        default=True,
-        metadata={
-            "help": "Save the EMA adapter in each task directory (`ema/`). Needed to continue or evaluate "
-            "from disk."
-        },
+    selective_update: bool = option(
+        True,
+        "Selective consistency target: keep the plastic hidden state where it exceeds the stable "
+        "one (reg = where(selected, plastic, stable)); false: reg = stable everywhere.",
     )
-    ema_adapter_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Read the previous task's EMA adapter from this directory instead of "
-            "`previous_task_model/ema` (requires previous_task_model)."
-        },
-    )
-    selective_update: bool = field(
-        default=True,
-        metadata={
-            "help": "Selective consistency target: keep the plastic hidden state where it exceeds the stable "
-            "one (reg = where(selected, plastic, stable)); false: reg = stable everywhere."
-        },
-    )
-    min_update_threshold: float = field(
-        default=0.1,
-        metadata={
-            "help": "Relative margin (>= 0) for the selective target: an element counts as selected when "
-            "plastic > stable + threshold * |stable|. 0 gives the seed's plastic > stable."
-        },
+    min_update_threshold: float = option(
+        0.1,
+        "Relative margin (>= 0) for the selective target: an element counts as selected when "
+        "plastic > stable + threshold * |stable|. 0 gives the seed's plastic > stable.",
     )
     hidden_state_layers: list[int] | str = field(
         default_factory=lambda: [-1, -2, -3],
@@ -64,26 +49,21 @@ class ILORAArguments:
             "hidden_states (0: embeddings, -1: the final normed output), or 'all' (every decoder layer)."
         },
     )
-    ilora_buffer_size: int = field(
-        default=500,
-        metadata={"help": "Capacity (>= 0) of the reservoir replay buffer of training samples."},
+    ilora_buffer_size: int = option(
+        500, "Capacity (>= 0) of the reservoir replay buffer of training samples."
     )
-    ilora_eval_adapter: str = field(
-        default=STABLE,
-        metadata={"help": "Adapter that answers at evaluation: 'ema' (the stable one) or 'default'."},
+    ilora_eval_adapter: str = option(
+        STABLE, "Adapter that answers at evaluation: 'ema' (the stable one) or 'default'."
     )
-    ilora_replay_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Buffer rows replayed with each micro-batch. None: per_device_train_batch_size."},
+    ilora_replay_batch_size: int | None = option(
+        None, "Buffer rows replayed with each micro-batch. None: per_device_train_batch_size."
     )
 
-    ilora_pass: str = field(
-        default="split",
-        metadata={
-            "help": "How a step's current and replayed rows are trained: 'split' (the current rows' backward "
-            "first, then the replayed rows' with the consistency loss: the activations of one half at a time) "
-            "or 'joined' (one pass over both). The gradients are the same. docs: the I-LoRA README."
-        },
+    ilora_pass: str = option(
+        "split",
+        "How a step's current and replayed rows are trained: 'split' (the current rows' backward "
+        "first, then the replayed rows' with the consistency loss: the activations of one half at a time) "
+        "or 'joined' (one pass over both). The gradients are the same. docs: the I-LoRA README.",
     )
 
     def __post_init__(self) -> None:

@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class InfLoRAArguments:
-    use_inflora: bool = field(
-        default=False, metadata={"help": "Whether to use InfLoRA (same as `cl_method: inflora`)."}
+    use_inflora: bool = option(False, "Whether to use InfLoRA (same as `cl_method: inflora`).")
+    inflora_threshold: float = option(
+        0.97,
+        "The paper's epsilon, in [0, 1]: after each task, the stored input subspace of every "
+        "target layer grows until it holds this share of the energy (squared norm) of the task's inputs "
+        "to that layer. Higher protects earlier tasks more and leaves later tasks fewer directions; 0 "
+        "stores nothing (no protection).",
     )
-    inflora_threshold: float = field(
-        default=0.97,
-        metadata={
-            "help": "The paper's epsilon, in [0, 1]: after each task, the stored input subspace of every "
-            "target layer grows until it holds this share of the energy (squared norm) of the task's inputs "
-            "to that layer. Higher protects earlier tasks more and leaves later tasks fewer directions; 0 "
-            "stores nothing (no protection)."
-        },
-    )
-    inflora_samples: int = field(
-        default=256,
-        metadata={
-            "help": "Train rows (>= 1) of each task whose inputs to the target layers (every real token, "
-            "prompt and answer) design the task's A before it trains and grow the subspace after it (a "
-            "seeded random choice; all rows when the task has fewer)."
-        },
+    inflora_samples: int = option(
+        256,
+        "Train rows (>= 1) of each task whose inputs to the target layers (every real token, "
+        "prompt and answer) design the task's A before it trains and grow the subspace after it (a "
+        "seeded random choice; all rows when the task has fewer).",
     )
 
     def __post_init__(self) -> None:

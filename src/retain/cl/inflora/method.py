@@ -27,7 +27,7 @@ from retain.cl.base import Task
 from retain.cl.inflora import SPEC
 from retain.cl.inflora.config import InfLoRAArguments
 from retain.cl.inflora.math import design_down_projection, empty_basis, grow_basis
-from retain.cl.loss import LossScale, causal_lm_sums
+from retain.cl.loss import LossScale, logged_causal_lm_loss
 from retain.cl.stacked.method import StackedLoRA, adapter_name
 from retain.data.prompt import pad_batch
 from retain.errors import ConfigError, ModelError, RetainError, TrainingError
@@ -220,11 +220,7 @@ class InfLoRA(StackedLoRA):
     # ---- the loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, scale: LossScale) -> torch.Tensor:
         """The answer-token cross-entropy alone: InfLoRA has no penalty."""
-        total, count = causal_lm_sums(model, inputs)
-        loss = scale.token_mean(total, count)
-        if model.training:
-            self.loss_terms.add(loss_ce=loss)
-        return loss
+        return logged_causal_lm_loss(model, inputs, scale, self.loss_terms)
 
     def penalty_weight(self) -> float:
         return 0.0

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class LwFArguments:
     """Arguments of the LwF method (docs/methods/lwf.md)."""
 
-    use_lwf: bool = field(
-        default=False, metadata={"help": "Whether to use LwF (same as `cl_method: lwf`; EasyCL's switch)."}
+    use_lwf: bool = option(False, "Whether to use LwF (same as `cl_method: lwf`; EasyCL's switch).")
+    lwf_temperature: float = option(
+        2.0, "Distillation temperature T (> 0): both distributions are softmax(logits / T)."
     )
-    lwf_temperature: float = field(
-        default=2.0,
-        metadata={"help": "Distillation temperature T (> 0): both distributions are softmax(logits / T)."},
-    )
-    lwf_alpha: float = field(
-        default=0.5,
-        metadata={
-            "help": "Weight in [0, 1] of the distillation term: (1 - a) * CE + a * T^2 * KL(old || new) from "
-            "the second task on. 0 trains exactly like seq (no teacher pass)."
-        },
+    lwf_alpha: float = option(
+        0.5,
+        "Weight in [0, 1] of the distillation term: (1 - a) * CE + a * T^2 * KL(old || new) from "
+        "the second task on. 0 trains exactly like seq (no teacher pass).",
     )
 
     def __post_init__(self) -> None:

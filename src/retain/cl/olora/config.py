@@ -2,37 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.cl.stacked.config import check_weight
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class OLoRAArguments:
-    use_olora: bool = field(
-        default=False, metadata={"help": "Whether to use O-LoRA (same as `cl_method: olora`)."}
+    use_olora: bool = option(False, "Whether to use O-LoRA (same as `cl_method: olora`).")
+    orthogonal_lambda: float = option(
+        0.1,
+        "Weight (>= 0) of the orthogonality term: the sum over target modules and earlier tasks i "
+        "of sum(|A_i A_t^T|). 0 is IncLoRA (stacked LoRAs without this penalty).",
     )
-    orthogonal_lambda: float = field(
-        default=0.1,
-        metadata={
-            "help": "Weight (>= 0) of the orthogonality term: the sum over target modules and earlier tasks i "
-            "of sum(|A_i A_t^T|). 0 is IncLoRA (stacked LoRAs without this penalty)."
-        },
+    l2_lambda: float = option(
+        0.01,
+        "Weight (>= 0) of the current LoRA's squared Frobenius norm, summed over target modules: "
+        "sum ||A_t||_F^2 + ||B_t||_F^2.",
     )
-    l2_lambda: float = field(
-        default=0.01,
-        metadata={
-            "help": "Weight (>= 0) of the current LoRA's squared Frobenius norm, summed over target modules: "
-            "sum ||A_t||_F^2 + ||B_t||_F^2."
-        },
-    )
-    olora_history_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "A task directory saved by olora or nlora to read the earlier tasks' LoRAs from when "
-            "continuing (previous_task_model); default: previous_task_model itself."
-        },
+    olora_history_path: str | None = option(
+        None,
+        "A task directory saved by olora or nlora to read the earlier tasks' LoRAs from when "
+        "continuing (previous_task_model); default: previous_task_model itself.",
     )
 
     def __post_init__(self) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 PEFT_TYPES = ("PromptTuning", "LoRA")
 CLASSIFIERS = ("Linear", "CosineLinear")
@@ -29,86 +30,62 @@ def _choice(value: str | None, choices: tuple[str, ...], name: str, allow_none: 
 
 @dataclass
 class PEFTArguments:
-    PEFT_type: str = field(
-        default="PromptTuning",
-        metadata={"help": "The per-task adapter: 'PromptTuning' (soft prompt) or 'LoRA'."},
+    PEFT_type: str = option("PromptTuning", "The per-task adapter: 'PromptTuning' (soft prompt) or 'LoRA'.")
+    Sub_PEFT_type: str | None = option(
+        "NewLoRA",
+        "'NewLoRA' (a task router trained next to the heads) or None (plain per-task heads). "
+        "Only used with a classifier head.",
     )
-    Sub_PEFT_type: str | None = field(
-        default="NewLoRA",
-        metadata={
-            "help": "'NewLoRA' (a task router trained next to the heads) or None (plain per-task heads). "
-            "Only used with a classifier head."
-        },
+    PEFT_lora_r: int = option(4, "LoRA rank of every task adapter.")
+    PEFT_lora_alpha: int = option(8, "LoRA alpha (scaling = alpha / r).")
+    PEFT_lora_bias: str = option(
+        "none",
+        "LoRA bias training. Only 'none': trained biases are shared by all task adapters, "
+        "which would break the isolation of earlier tasks.",
     )
-    PEFT_lora_r: int = field(default=4, metadata={"help": "LoRA rank of every task adapter."})
-    PEFT_lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
-    PEFT_lora_bias: str = field(
-        default="none",
-        metadata={
-            "help": "LoRA bias training. Only 'none': trained biases are shared by all task adapters, "
-            "which would break the isolation of earlier tasks."
-        },
+    PEFT_lora_dropout: float = option(0.1, "Dropout on the LoRA input, in [0, 1).")
+    PEFT_num_virtual_tokens: int = option(10, "Soft-prompt length of every task's prompt-tuning adapter.")
+    PEFT_prompt_tuning_init_text: str = option(
+        "auto",
+        "Initial soft prompt: 'auto' (the embeddings of the task's instruction, or of its name and "
+        "labels when rows carry no instruction), 'random', or a literal text used for every task.",
     )
-    PEFT_lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
-    PEFT_num_virtual_tokens: int = field(
-        default=10, metadata={"help": "Soft-prompt length of every task's prompt-tuning adapter."}
+    classifier: str | None = option(
+        None,
+        "None: generative training (causal-LM loss on the answer). 'Linear' or 'CosineLinear': "
+        "one classification head per task on the backbone's features.",
     )
-    PEFT_prompt_tuning_init_text: str = field(
-        default="auto",
-        metadata={
-            "help": "Initial soft prompt: 'auto' (the embeddings of the task's instruction, or of its name and "
-            "labels when rows carry no instruction), 'random', or a literal text used for every task."
-        },
+    classification_type: str = option(
+        "sentence-level",
+        "'sentence-level' (one label per row) or 'word-level' (one BIO tag per word; "
+        "needs `formatting: tagging` data and a classifier).",
     )
-    classifier: str | None = field(
-        default=None,
-        metadata={
-            "help": "None: generative training (causal-LM loss on the answer). 'Linear' or 'CosineLinear': "
-            "one classification head per task on the backbone's features."
-        },
+    il_mode: str = option(
+        "CIL",
+        "'CIL': the model must also infer the task (heads: every seen task's adapter and head over "
+        "the global label space; generative: the current adapter). 'TIL': the evaluated task's adapter "
+        "and head are used.",
     )
-    classification_type: str = field(
-        default="sentence-level",
-        metadata={
-            "help": "'sentence-level' (one label per row) or 'word-level' (one BIO tag per word; "
-            "needs `formatting: tagging` data and a classifier)."
-        },
+    newlora_routing: str = option(
+        "all",
+        "CIL evaluation with NewLoRA: 'all' runs every seen task's adapter and head (T passes) and "
+        "takes the highest logit; 'hard' lets the router pick one task per row (one feature pass plus one "
+        "adapter pass); 'soft' weighs each head's log-softmax by the log of the router's weight for the row "
+        "(T passes, as 'all'). docs/methods/peft.md.",
     )
-    il_mode: str = field(
-        default="CIL",
-        metadata={
-            "help": "'CIL': the model must also infer the task (heads: every seen task's adapter and head over "
-            "the global label space; generative: the current adapter). 'TIL': the evaluated task's adapter "
-            "and head are used."
-        },
+    pooling: str = option(
+        "auto",
+        "Sentence features for the heads and the router: 'cls' (first real token), 'last' "
+        "(last real token), 'mean' (mean over real tokens), or 'auto': cls when the tokenizer has a "
+        "CLS token (BERT-style encoders), else last (decoders).",
     )
-    newlora_routing: str = field(
-        default="all",
-        metadata={
-            "help": "CIL evaluation with NewLoRA: 'all' runs every seen task's adapter and head (T passes) and "
-            "takes the highest logit; 'hard' lets the router pick one task per row (one feature pass plus one "
-            "adapter pass); 'soft' weighs each head's log-softmax by the log of the router's weight for the row "
-            "(T passes, as 'all'). docs/methods/peft.md."
-        },
+    cosine_scale: float = option(
+        16.0, "Initial value of CosineLinear's learnable scale s (logits = s * cosine)."
     )
-    pooling: str = field(
-        default="auto",
-        metadata={
-            "help": "Sentence features for the heads and the router: 'cls' (first real token), 'last' "
-            "(last real token), 'mean' (mean over real tokens), or 'auto': cls when the tokenizer has a "
-            "CLS token (BERT-style encoders), else last (decoders)."
-        },
-    )
-    cosine_scale: float = field(
-        default=16.0,
-        metadata={"help": "Initial value of CosineLinear's learnable scale s (logits = s * cosine)."},
-    )
-    skip_nonfinite_loss: bool = field(
-        default=False,
-        metadata={
-            "help": "On a NaN/inf training loss: false stops the task with an error naming the task and step; "
-            "true drops that micro-batch (zero gradient), counts it and reports the count."
-        },
+    skip_nonfinite_loss: bool = option(
+        False,
+        "On a NaN/inf training loss: false stops the task with an error naming the task and step; "
+        "true drops that micro-batch (zero gradient), counts it and reports the count.",
     )
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from retain.cl.base import Task
 from retain.cl.buffer import Row
-from retain.cl.loss import LossScale, causal_lm_sums
+from retain.cl.loss import LossScale, causal_lm_sums, logged_causal_lm_loss
 from retain.cl.projection.math import Projection, clip_to_norm
 from retain.cl.projection.memory import EpisodicMemory, label_count, step_rng
 from retain.cl.seq.method import Seq
@@ -185,11 +185,7 @@ class GradientProjection(Seq):
 
     # ---- the training step ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, scale: LossScale) -> torch.Tensor:
-        total, count = causal_lm_sums(model, inputs)
-        ce = scale.token_mean(total, count)
-        if model.training:
-            self.loss_terms.add(loss_ce=ce)
-        return ce
+        return logged_causal_lm_loss(model, inputs, scale, self.loss_terms)
 
     def callbacks(self, model):
         return [ProjectionCallback(self)]

@@ -3,54 +3,41 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class PseudoReplayArguments:
     """Arguments of the pseudo_replay method (docs/methods/pseudo_replay.md)."""
 
-    use_pseudo_replay: bool = field(
-        default=False,
-        metadata={
-            "help": "Whether to use pseudo-replay (same as `cl_method: pseudo_replay`; EasyCL's switch)."
-        },
+    use_pseudo_replay: bool = option(
+        False, "Whether to use pseudo-replay (same as `cl_method: pseudo_replay`; EasyCL's switch)."
     )
-    base_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "The model that writes the pseudo-rows. None or the run's model_name_or_path: the run's "
-            "model with its adapters disabled (no second copy); another path or alias loads a second model."
-        },
+    base_model_path: str | None = option(
+        None,
+        "The model that writes the pseudo-rows. None or the run's model_name_or_path: the run's "
+        "model with its adapters disabled (no second copy); another path or alias loads a second model.",
     )
-    num_samples_per_task: int = field(
-        default=200,
-        metadata={
-            "help": "Rows (>= 0) generated for each finished task; malformed and repeated ones are dropped and "
-            "counted (pseudo/summary.json). 0: nothing replayed (exactly seq). EasyCL's default, 200."
-        },
+    num_samples_per_task: int = option(
+        200,
+        "Rows (>= 0) generated for each finished task; malformed and repeated ones are dropped and "
+        "counted (pseudo/summary.json). 0: nothing replayed (exactly seq). EasyCL's default, 200.",
     )
-    generation_temperature: float = field(
-        default=1.0,
-        metadata={
-            "help": "Sampling temperature (> 0) of the generation (top_p 0.95, top_k 40). EasyCL's, 1.0."
-        },
+    generation_temperature: float = option(
+        1.0, "Sampling temperature (> 0) of the generation (top_p 0.95, top_k 40). EasyCL's, 1.0."
     )
-    num_shots: int = field(
-        default=5,
-        metadata={
-            "help": "Real train rows of the task (>= 1, a seeded draw) shown in the few-shot prompt when the "
-            "task ends; none is kept afterwards. EasyCL's default, 5."
-        },
+    num_shots: int = option(
+        5,
+        "Real train rows of the task (>= 1, a seeded draw) shown in the few-shot prompt when the "
+        "task ends; none is kept afterwards. EasyCL's default, 5.",
     )
-    pseudo_samples_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "
-            "this is set, every file is also copied there (with a dataset_info.json)."
-        },
+    pseudo_samples_dir: str | None = option(
+        None,
+        "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "
+        "this is set, every file is also copied there (with a dataset_info.json).",
     )
 
     def __post_init__(self) -> None:

@@ -2,50 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from retain.cl.listed_tasks import ListedTasksArguments
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
-class ReplayArguments:
-    replay_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "EasyCL's meaning: the share (0..1) of each earlier task's train rows replayed with every "
-            "later task. Default 0.3 (EasyCL's), unless replay_mix_ratio is set."
-        },
+class ReplayArguments(ListedTasksArguments):
+    replay_ratio: float | None = option(
+        None,
+        "EasyCL's meaning: the share (0..1) of each earlier task's train rows replayed with every "
+        "later task. Default 0.3 (EasyCL's), unless replay_mix_ratio is set.",
     )
-    replay_task_list: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Comma-separated earlier tasks to replay (EasyCL). Default: every earlier task. Tasks this "
-            "run has not trained are read from previous_task_dataset (else dataset_dir)."
-        },
+    replay_mix_ratio: float | None = option(
+        None,
+        "retain's per-batch mixing instead of EasyCL's shares: replayed rows per row of the current "
+        "task (1.0: as many replayed rows as new ones), drawn from a reservoir memory of "
+        "replay_buffer_size rows of all earlier tasks.",
     )
-    maxsamples_list: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Rows replayed per task of replay_task_list, in the same order (EasyCL); replaces "
-            "replay_ratio for those tasks."
-        },
-    )
-    previous_task_dataset: str | None = field(
-        default=None,
-        metadata={"help": "Folder (with dataset_info.json) holding the replay_task_list tasks (EasyCL)."},
-    )
-    replay_mix_ratio: float | None = field(
-        default=None,
-        metadata={
-            "help": "retain's per-batch mixing instead of EasyCL's shares: replayed rows per row of the current "
-            "task (1.0: as many replayed rows as new ones), drawn from a reservoir memory of "
-            "replay_buffer_size rows of all earlier tasks."
-        },
-    )
-    replay_buffer_size: int = field(
-        default=1000,
-        metadata={"help": "Rows kept in the reservoir memory (with replay_mix_ratio only)."},
-    )
+    replay_buffer_size: int = option(1000, "Rows kept in the reservoir memory (with replay_mix_ratio only).")
 
     def __post_init__(self) -> None:
         for name in ("replay_ratio", "replay_mix_ratio"):
@@ -70,19 +47,7 @@ class ReplayArguments:
             raise ConfigError(
                 "is a share of each earlier task's rows: must be in [0, 1]", field="replay_ratio"
             )
-        if self.maxsamples_list is not None:
-            if self.replay_task_list is None:
-                raise ConfigError(
-                    "needs replay_task_list (one count per listed task)", field="maxsamples_list"
-                )
-            if len(self.maxsamples_list) != len(self.replay_task_list):
-                raise ConfigError(
-                    f"has {len(self.maxsamples_list)} entries but replay_task_list has "
-                    f"{len(self.replay_task_list)}",
-                    field="maxsamples_list",
-                )
-            if any(count < 0 for count in self.maxsamples_list):
-                raise ConfigError("counts must be >= 0", field="maxsamples_list")
+        self.check_listed_tasks()
 
     @property
     def mixing(self) -> bool:
@@ -91,6 +56,5 @@ class ReplayArguments:
 
     def share_size(self, task: str, num_rows: int) -> int:
         """Rows of `task` (with `num_rows` train rows) that EasyCL-style replay keeps."""
-        if self.maxsamples_list is not None and task in (self.replay_task_list or []):
-            return min(self.maxsamples_list[self.replay_task_list.index(task)], num_rows)
-        return int(num_rows * (self.replay_ratio or 0.0))
+        listed = self.listed_count(task, num_rows)
+        return listed if listed is not None else int(num_rows * (self.replay_ratio or 0.0))

@@ -21,9 +21,7 @@ from retain.cl.buffer import ReservoirBuffer, Row, load_row_groups, save_row_gro
 from retain.cl.replay import SPEC
 from retain.cl.replay.config import ReplayArguments
 from retain.cl.seq.method import Seq
-from retain.data.builtin import resolve_dataset_dir
-from retain.data.registry import load_dataset_info
-from retain.data.tasks import encode_task, load_task
+from retain.data.tasks import load_encoded_tasks
 from retain.errors import ModelError
 
 MEMORY_FILE = "replay_memory.safetensors"  # the reservoir (replay_mix_ratio)
@@ -44,7 +42,6 @@ class Replay(Seq):
         self.memory = ReservoirBuffer(self.args.replay_buffer_size, seed=config.training.seed)
         self.shares: dict[str, list[Row]] = {}
         self.builder = None
-        self.cutoff_len = config.data.cutoff_len
 
     def encode_task(self, data, builder, cutoff_len):
         super().encode_task(data, builder, cutoff_len)
@@ -61,17 +58,11 @@ class Replay(Seq):
 
     def _read_listed_tasks(self) -> None:
         """Keep the shares of `replay_task_list` tasks that no run of this sequence has trained."""
-        own = {t.name for t in self.tasks}
-        missing = [n for n in self.args.replay_task_list or [] if n not in self.shares and n not in own]
-        if not missing:
-            return
-        folder = resolve_dataset_dir(self.args.previous_task_dataset or self.config.data.dataset_dir)
-        info = load_dataset_info(folder)
-        for name in missing:
-            data = load_task(folder, info, name, self.config.data)
-            encode_task(data, self.builder, self.cutoff_len)
-            count = self.args.share_size(name, len(data.train_rows))
-            self.shares[name] = draw_share(data.train_rows, count, self.config.training.seed, name)
+        unseen = self.args.unseen_tasks(set(self.shares) | {t.name for t in self.tasks})
+        folder = self.args.previous_tasks_dir(self.config.data.dataset_dir)
+        for data in load_encoded_tasks(folder, unseen, self.config.data, self.builder):
+            count = self.args.share_size(data.name, len(data.train_rows))
+            self.shares[data.name] = draw_share(data.train_rows, count, self.config.training.seed, data.name)
 
     def end_task(self, model, task, data):
         if self.args.mixing:

@@ -3,65 +3,48 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from retain.errors import ConfigError
+from retain.hparams.option import option
 
 
 @dataclass
 class SSRArguments:
     """Arguments of the ssr method (docs/methods/ssr.md)."""
 
-    use_ssr: bool = field(
-        default=False, metadata={"help": "Whether to use SSR (same as `cl_method: ssr`; EasyCL's switch)."}
+    use_ssr: bool = option(False, "Whether to use SSR (same as `cl_method: ssr`; EasyCL's switch).")
+    base_model_path: str | None = option(
+        None,
+        "The model that writes new inputs by in-context learning. None or the run's "
+        "model_name_or_path: the run's model with its adapters disabled (no second copy); another path "
+        "or alias loads a second model. (EasyCL requires it; here it defaults to the run's base model.)",
     )
-    base_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "The model that writes new inputs by in-context learning. None or the run's "
-            "model_name_or_path: the run's model with its adapters disabled (no second copy); another path "
-            "or alias loads a second model. (EasyCL requires it; here it defaults to the run's base model.)"
-        },
+    num_shots: int = option(
+        2,
+        "Real train rows of the task (>= 1, a seeded draw) in the in-context prompt when the task "
+        "ends; none is kept afterwards. EasyCL's default, 2.",
     )
-    num_shots: int = field(
-        default=2,
-        metadata={
-            "help": "Real train rows of the task (>= 1, a seeded draw) in the in-context prompt when the task "
-            "ends; none is kept afterwards. EasyCL's default, 2."
-        },
+    generation_temperature: float = option(
+        0.9, "Sampling temperature (> 0) of the new inputs (top_p 0.95, top_k 40). EasyCL's, 0.9."
     )
-    generation_temperature: float = field(
-        default=0.9,
-        metadata={
-            "help": "Sampling temperature (> 0) of the new inputs (top_p 0.95, top_k 40). EasyCL's, 0.9."
-        },
+    n_clusters: int = option(
+        20,
+        "K-means clusters (>= 1) over the rows' mean last-layer hidden states; rows are taken "
+        "nearest-to-centroid first, one cluster after another. EasyCL's default, 20.",
     )
-    n_clusters: int = field(
-        default=20,
-        metadata={
-            "help": "K-means clusters (>= 1) over the rows' mean last-layer hidden states; rows are taken "
-            "nearest-to-centroid first, one cluster after another. EasyCL's default, 20."
-        },
+    pseudo_sample_memory: int = option(
+        200, "Rows (>= 0) kept per task for rehearsal. 0: nothing rehearsed. EasyCL's default, 200."
     )
-    pseudo_sample_memory: int = field(
-        default=200,
-        metadata={
-            "help": "Rows (>= 0) kept per task for rehearsal. 0: nothing rehearsed. EasyCL's default, 200."
-        },
+    pseudo_samples_dir: str | None = option(
+        None,
+        "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "
+        "this is set, every file is also copied there (with a dataset_info.json).",
     )
-    pseudo_samples_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "
-            "this is set, every file is also copied there (with a dataset_info.json)."
-        },
-    )
-    ssr_num_candidates: int | None = field(
-        default=None,
-        metadata={
-            "help": "Inputs (>= 0) the base model writes per task, before refinement and selection. None: twice "
-            "pseudo_sample_memory (EasyCL writes pseudo_sample_memory and so keeps them all)."
-        },
+    ssr_num_candidates: int | None = option(
+        None,
+        "Inputs (>= 0) the base model writes per task, before refinement and selection. None: twice "
+        "pseudo_sample_memory (EasyCL writes pseudo_sample_memory and so keeps them all).",
     )
 
     def __post_init__(self) -> None:
