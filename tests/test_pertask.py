@@ -60,7 +60,12 @@ def test_arguments_have_the_seed_names_and_defaults():
         ({"classifier": "MLP"}, "classifier"),
         ({"classification_type": "word-level"}, "classification_type"),
         ({"il_mode": "DIL"}, "il_mode"),
-        ({"classifier": "Linear", "newlora_routing": "soft"}, "newlora_routing"),
+        ({"classifier": "Linear", "newlora_routing": "weighted"}, "newlora_routing"),
+        ({"classifier": "Linear", "il_mode": "TIL", "newlora_routing": "soft"}, "newlora_routing"),
+        (
+            {"classifier": "Linear", "classification_type": "word-level", "newlora_routing": "soft"},
+            "newlora_routing",
+        ),
         ({"newlora_routing": "hard"}, "newlora_routing"),
         ({"classifier": "Linear", "il_mode": "TIL", "newlora_routing": "hard"}, "newlora_routing"),
         ({"pooling": "max"}, "pooling"),
