@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from retain.cl.agem import AGEMArguments
-from retain.cl.agem.method import AGEM, MEMORY_FILE
+from retain.cl.agem.method import AGEM
 from retain.cl.buffer import load_row_groups
 from retain.cl.projection.math import agem_project
 from retain.cl.projection.memory import draw_pooled
+from retain.cl.projection.method import memory_file_name
 from retain.cl.registry import parse_config
 from retain.errors import ConfigError, ModelError
 from retain.model.adapters import adapter_parameters
@@ -29,6 +30,8 @@ from tests.test_projection import (
     step_args,
     train_loss_after,
 )
+
+MEMORY_FILE = memory_file_name("agem")
 
 
 def t(*values):
@@ -85,7 +88,7 @@ def test_arguments_defaults_and_checks():
             AGEMArguments(**{key: value})
         assert info.value.field == key
     config = parse_config({"model_name_or_path": "tiny-random-llama", "cl_tasks": "a", "use_agem": True})
-    assert config.cl.cl_method == "agem" and config.method_args.use_agem
+    assert config.cl.cl_method == "agem"
     with pytest.raises(ConfigError) as info:
         parse_config({"model_name_or_path": "x", "cl_tasks": "a", "cl_method": "gem", "agem_memory_size": 1})
     assert info.value.field == "agem_memory_size"

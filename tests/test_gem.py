@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from retain.cl.buffer import load_row_groups
 from retain.cl.gem import GEMArguments
-from retain.cl.gem.method import GEM, MEMORY_FILE
+from retain.cl.gem.method import GEM
 from retain.cl.projection.math import gem_project
+from retain.cl.projection.method import memory_file_name
 from retain.cl.registry import parse_config
 from retain.errors import ConfigError, ModelError
 from retain.model.adapters import adapter_parameters
@@ -18,6 +19,8 @@ from retain.training.sequence import Session
 from tests.test_projection import log_entries, run_values, train_loss_after
 
 # ---- the QP by hand ------------------------------------------------------------------------------------
+
+MEMORY_FILE = memory_file_name("gem")
 
 
 def t(*values):
@@ -95,7 +98,7 @@ def test_arguments_defaults_easycl_sizes_and_checks():
             GEMArguments(**kwargs)
         assert info.value.field == key
     config = parse_config({"model_name_or_path": "tiny-random-llama", "cl_tasks": "a", "use_gem": True})
-    assert config.cl.cl_method == "gem" and config.method_args.use_gem
+    assert config.cl.cl_method == "gem"
     with pytest.raises(ConfigError) as info:
         parse_config({"model_name_or_path": "x", "cl_tasks": "a", "cl_method": "seq", "gem_memory_size": 1})
     assert info.value.field == "gem_memory_size"

@@ -87,7 +87,7 @@ def test_l2_term_is_the_squared_frobenius_norm_summed_over_tensors():
 def test_arguments_defaults_and_checks():
     config = parse_config({"model_name_or_path": "x", "cl_tasks": "a", "use_olora": True})
     args = config.method_args
-    assert config.cl.cl_method == "olora" and args.use_olora
+    assert config.cl.cl_method == "olora"
     assert (args.orthogonal_lambda, args.l2_lambda, args.olora_history_path) == (0.1, 0.01, None)
     for key, value in (("orthogonal_lambda", -0.1), ("l2_lambda", float("nan")), ("olora_history_path", " ")):
         with pytest.raises(ConfigError) as err:

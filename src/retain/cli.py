@@ -290,8 +290,8 @@ def configure_console(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    configure_console("--verbose" in argv)  # before the bench parser imports the libraries
     args = build_parser(with_bench=command == "bench").parse_args(argv)
-    configure_console(args.verbose)
     handlers = {
         "run": lambda a: cmd_run(a, "run"),
         "train": lambda a: cmd_run(a, "train"),

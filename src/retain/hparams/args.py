@@ -196,7 +196,9 @@ class GeneratingArguments:
 class CLArguments:
     """Arguments shared by every continual-learning method."""
 
-    cl_method: str = option("seq", "The method (see `retain methods`).")
+    cl_method: str = option(
+        "seq", "The method (see `retain methods`). EasyCL's switch `use_<method>: true` says the same."
+    )
     eval_scope: str = option(
         "all",
         "'all': after each task, evaluate every task. 'seen': only tasks seen so far and the next "

@@ -12,7 +12,6 @@ from retain.hparams.option import option
 class AGEMArguments:
     """Arguments of the A-GEM method (docs/methods/agem.md)."""
 
-    use_agem: bool = option(False, "Whether to use A-GEM (same as `cl_method: agem`).")
     agem_memory_size: int = option(
         256,
         "Rows kept per earlier task (a reservoir sample of its train rows); as gem_memory_size. "

@@ -16,16 +16,10 @@ from retain.cl.projection.math import Projection, agem_project
 from retain.cl.projection.memory import draw_pooled
 from retain.cl.projection.method import GradientProjection
 
-MEMORY_FILE = "agem_memory.safetensors"
-
 
 class AGEM(GradientProjection):
     spec = SPEC
-    memory_file = MEMORY_FILE
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.args: AGEMArguments
+    args: AGEMArguments
 
     def memory_size(self, task_name: str, num_rows: int) -> int:
         return min(self.args.agem_memory_size, num_rows)

@@ -13,7 +13,6 @@ from retain.hparams.option import option
 class EWCArguments:
     """Arguments of the EWC method (docs/methods/ewc.md)."""
 
-    use_ewc: bool = option(False, "Whether to use EWC (same as `cl_method: ewc`; EasyCL's switch).")
     ewc_lambda: float = option(
         10000.0,
         "Weight (>= 0) of the penalty ewc_lambda/2 * sum F (theta - theta*)^2 on the LoRA weights. "

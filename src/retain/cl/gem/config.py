@@ -17,7 +17,6 @@ DEFAULT_MEMORY_SIZE = 256
 class GEMArguments(ListedTasksArguments):
     """Arguments of the GEM method (docs/methods/gem.md)."""
 
-    use_gem: bool = option(False, "Whether to use GEM (same as `cl_method: gem`; EasyCL's switch).")
     gem_memory_strength: float = option(
         0.5,
         "GEM's margin (EasyCL's key and default; the original code's memory_strength): when the "

@@ -18,16 +18,13 @@ from retain.cl.projection.memory import draw_per_task
 from retain.cl.projection.method import GradientProjection
 from retain.data.tasks import load_encoded_tasks
 
-MEMORY_FILE = "gem_memory.safetensors"
-
 
 class GEM(GradientProjection):
     spec = SPEC
-    memory_file = MEMORY_FILE
+    args: GEMArguments
 
     def __init__(self, config):
         super().__init__(config)
-        self.args: GEMArguments
         self.builder = None
 
     def encode_task(self, data, builder, cutoff_len):

@@ -11,7 +11,6 @@ from retain.hparams.option import option
 
 @dataclass
 class InfLoRAArguments:
-    use_inflora: bool = option(False, "Whether to use InfLoRA (same as `cl_method: inflora`).")
     inflora_threshold: float = option(
         0.97,
         "The paper's epsilon, in [0, 1]: after each task, the stored input subspace of every "

@@ -1,5 +1,4 @@
-"""`lamol`: LAMOL, language modeling for lifelong language learning (Sun et al., 2020). See
-docs/methods/lamol.md."""
+"""`lamol`: LAMOL, language modeling for lifelong language learning (Sun et al., 2020)."""
 
 from retain.cl.lamol.config import LamolArguments
 from retain.cl.registry import MethodSpec, register_method

@@ -13,7 +13,6 @@ from retain.hparams.option import option
 class LamolArguments:
     """Arguments of the lamol method (docs/methods/lamol.md)."""
 
-    use_lamol: bool = option(False, "Whether to use LAMOL (same as `cl_method: lamol`; EasyCL's switch).")
     lamol_gamma: float = option(
         0.25,
         "Weight (>= 0) of the generation loss: loss = L_qa + lamol_gamma * L_gen (the paper's "

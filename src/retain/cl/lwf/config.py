@@ -13,7 +13,6 @@ from retain.hparams.option import option
 class LwFArguments:
     """Arguments of the LwF method (docs/methods/lwf.md)."""
 
-    use_lwf: bool = option(False, "Whether to use LwF (same as `cl_method: lwf`; EasyCL's switch).")
     lwf_temperature: float = option(
         2.0, "Distillation temperature T (> 0): both distributions are softmax(logits / T)."
     )

@@ -10,7 +10,6 @@ from retain.hparams.option import option
 
 @dataclass
 class NLoRAArguments:
-    use_nlora: bool = option(False, "Whether to use N-LoRA (same as `cl_method: nlora`).")
     nlora_lambda: float = option(
         0.4,
         "Weight (>= 0) of the sparsity term: the sum over target modules of ||B_t A_t||_1, the "

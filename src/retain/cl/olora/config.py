@@ -11,7 +11,6 @@ from retain.hparams.option import option
 
 @dataclass
 class OLoRAArguments:
-    use_olora: bool = option(False, "Whether to use O-LoRA (same as `cl_method: olora`).")
     orthogonal_lambda: float = option(
         0.1,
         "Weight (>= 0) of the orthogonality term: the sum over target modules and earlier tasks i "

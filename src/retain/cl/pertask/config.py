@@ -38,11 +38,7 @@ class PEFTArguments:
     )
     PEFT_lora_r: int = option(4, "LoRA rank of every task adapter.")
     PEFT_lora_alpha: int = option(8, "LoRA alpha (scaling = alpha / r).")
-    PEFT_lora_bias: str = option(
-        "none",
-        "LoRA bias training. Only 'none': trained biases are shared by all task adapters, "
-        "which would break the isolation of earlier tasks.",
-    )
+    PEFT_lora_bias: str = option("none", "Only 'none': trained biases would be shared by all task adapters.")
     PEFT_lora_dropout: float = option(0.1, "Dropout on the LoRA input, in [0, 1).")
     PEFT_num_virtual_tokens: int = option(10, "Soft-prompt length of every task's prompt-tuning adapter.")
     PEFT_prompt_tuning_init_text: str = option(

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -82,11 +82,14 @@ class ProjectionCallback(TrainerCallback):
         self.method.project_step(model, args, state.global_step)
 
 
+def memory_file_name(method: str) -> str:
+    """The file in each task directory that holds a method's memories of the tasks so far."""
+    return f"{method}_memory.safetensors"
+
+
 class GradientProjection(Seq):
     """`seq` whose step gradient is projected against reference gradients from earlier tasks' memories."""
 
-    #: The file in each task directory that holds the memories of the tasks so far.
-    memory_file: ClassVar[str]
     sharding_limit = "it projects the whole flattened gradient of every adapter weight"
 
     def __init__(self, config):
@@ -165,11 +168,11 @@ class GradientProjection(Seq):
 
     def save_task(self, model, task: Task, directory: Path) -> None:
         super().save_task(model, task, directory)
-        self.memory.save(Path(directory) / self.memory_file)
+        self.memory.save(Path(directory) / memory_file_name(self.name))
 
     def load_task(self, model, task: Task | None, directory: Path) -> None:
         super().load_task(model, task, directory)
-        path = Path(directory) / self.memory_file
+        path = Path(directory) / memory_file_name(self.name)
         if path.is_file():
             self.memory.load(path)
         elif self.memory_required():

@@ -1,5 +1,4 @@
-"""`pseudo_replay`: seq plus replay of rows the base model writes for each finished task. See
-docs/methods/pseudo_replay.md."""
+"""`pseudo_replay`: seq plus replay of rows the base model writes for each finished task."""
 
 from retain.cl.pseudo_replay.config import PseudoReplayArguments
 from retain.cl.registry import MethodSpec, register_method

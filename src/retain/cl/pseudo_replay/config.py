@@ -13,9 +13,6 @@ from retain.hparams.option import option
 class PseudoReplayArguments:
     """Arguments of the pseudo_replay method (docs/methods/pseudo_replay.md)."""
 
-    use_pseudo_replay: bool = option(
-        False, "Whether to use pseudo-replay (same as `cl_method: pseudo_replay`; EasyCL's switch)."
-    )
     base_model_path: str | None = option(
         None,
         "The model that writes the pseudo-rows. None or the run's model_name_or_path: the run's "

@@ -13,7 +13,6 @@ from retain.hparams.option import option
 class SSRArguments:
     """Arguments of the ssr method (docs/methods/ssr.md)."""
 
-    use_ssr: bool = option(False, "Whether to use SSR (same as `cl_method: ssr`; EasyCL's switch).")
     base_model_path: str | None = option(
         None,
         "The model that writes new inputs by in-context learning. None or the run's "
