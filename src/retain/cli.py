@@ -269,6 +269,10 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def configure_console(verbose: bool) -> None:
     """Progress bars, the matrix, the metrics and retain's own notes; libraries' warnings only with --verbose."""
     import warnings
@@ -281,6 +285,8 @@ def configure_console(verbose: bool) -> None:
     for name in ("httpx", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if not verbose:
+        # DeepSpeed logs to stdout through its own handler when transformers imports it.
+        logging.getLogger("DeepSpeed").addFilter(_errors_only)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
         for category in (FutureWarning, UserWarning, DeprecationWarning, RuntimeWarning):
