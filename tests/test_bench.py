@@ -37,9 +37,9 @@ def test_step_time(tmp_path, capsys):
         capsys,
         "step-time",
         *("--data", "demo", "--repeats", "2", "--warmup", "0", "--batch-size", "2", "--rows", "6"),
-        *("--prep-steps", "1", "--memory-repeats", "1"),
+        *("--prep-steps", "1", "--memory-repeats", "1", "--methods", "seq,replay,ilora,ilora_joined,peft"),
     )
-    methods = ["seq", "replay", "ilora", "peft"]
+    methods = ["seq", "replay", "ilora", "ilora_joined", "peft"]
     assert out["methods"] == methods
     times, peaks = out["samples"]["step_s"], out["samples"]["peak_bytes"]
     assert set(times) == {*methods, JOINED, EMA_PASS}
@@ -57,13 +57,14 @@ def test_step_time(tmp_path, capsys):
     # Equal batch; I-LoRA replays a batch as large again, replay mixes its memory into the batch.
     rows = out["rows_per_step"]
     assert rows["seq"] == {"rows": 2, "current": 2, "replayed": 0}
-    assert rows["ilora"] == {"rows": 4, "current": 2, "replayed": 2}
+    assert rows["ilora"] == rows["ilora_joined"] == {"rows": 4, "current": 2, "replayed": 2}
     assert rows["replay"]["rows"] == 2 and 0 < rows["replay"]["replayed"] < 2
     ratio = out["ratios"]["step_s"]["replay"]
     assert out["ratios"]["per_current_row"]["replay"] == pytest.approx(ratio * 2 / rows["replay"]["current"])
     floors = out["floors"]
     assert floors["seq"]["flop_ratio"] == 1.0 and floors["seq"]["textbook_ratio"] == 1.0
     assert 2.0 < floors["ilora"]["flop_ratio"] < 3.5  # counted, not timed: fixed by the batch shapes
+    assert floors["ilora_joined"]["flop_ratio"] == floors["ilora"]["flop_ratio"]  # the same work, one pass
     assert floors["ilora"]["measured_ratio"] == pytest.approx(
         (medians[JOINED] + medians[EMA_PASS]) / medians["seq"]
     )

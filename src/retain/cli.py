@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace, mode: str) -> int:
         from retain.eval.report import load_metrics
 
         _print_result(load_metrics(session.run_dir), session.run_dir)
+        session.close()
         return 0
     result = session.run(train=mode != "eval", evaluate=mode != "train")
     if session.state_.is_main_process:
@@ -57,6 +58,7 @@ def cmd_run(args: argparse.Namespace, mode: str) -> int:
             print(f"trained {len(session.state.trained)} task(s); states in {session.output_dir}")
         else:
             _print_result(result, session.run_dir)
+    session.close()
     return 0
 
 
@@ -325,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("retain: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """A process that exits with its group open can abort while the interpreter shuts down."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

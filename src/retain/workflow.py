@@ -203,4 +203,5 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Path]:
     result = session.run(train=args.mode != "eval_only", evaluate=args.mode != "train_only")
     if result is not None and save_dir and session.state_.is_main_process:
         write_results(save_dir, result)
+    session.close()
     return result, session.run_dir

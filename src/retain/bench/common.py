@@ -294,7 +294,7 @@ class PeakMemory:
 
             self._sampler = _RssSampler()
             self._profiler = profile(
-                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True
+                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
             )
             self._sampler.start()
             with _fd2_silenced():

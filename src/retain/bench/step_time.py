@@ -54,7 +54,11 @@ JOINED, EMA_PASS = "ilora.seq_step_on_joined_batch", "ilora.ema_body_pass"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_common(parser)
     common.add_data(parser, lnt_tasks="agnews,MNLI", demo_tasks="paint_colour,flag_colour")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"default {DEFAULT_METHODS}")
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"registered methods, and ilora_joined (I-LoRA with its joined pass); default {DEFAULT_METHODS}",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
     common.add_cutoff(parser)
     parser.add_argument("--rows", type=int, default=64, help="train rows loaded per task (default 64)")
@@ -81,12 +85,13 @@ def method_values(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rank = args.lora_rank
     if name == "replay":
         return {"cl_method": name, "lora_rank": rank, "replay_mix_ratio": args.replay_mix_ratio}
-    if name == "ilora":
+    if name in ILORA:
+        default = getattr(args, "ilora_pass", "split")  # `retain bench scaling` has no such option
         return {
-            "cl_method": name,
+            "cl_method": "ilora",
             "lora_rank": rank,
             "ilora_replay_batch_size": args.batch_size,
-            "ilora_pass": getattr(args, "ilora_pass", "split"),  # `retain bench scaling` has no such option
+            "ilora_pass": "joined" if name == "ilora_joined" else default,
         }
     if name == "peft":
         return {
@@ -100,6 +105,9 @@ def method_values(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"cl_method": name, "lora_rank": rank, **REHEARSAL_ROWS[name](args.batch_size)}
     return {"cl_method": name, "lora_rank": rank}
 
+
+#: `ilora_joined` is I-LoRA with its joined plastic pass, timed beside `ilora` (the split pass by default).
+ILORA = ("ilora", "ilora_joined")
 
 #: The generative methods write this few rows per earlier task in the benchmark; their writing time per
 #: task is reported by a run (`method_info` in metrics.json), not by the step time.
@@ -236,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         variants = {name: runner.step for name, runner in runners.items()}
         extra: dict[str, Any] = {}
-        ilora = runners.get("ilora")
+        ilora = next((runners[name] for name in ILORA if name in runners), None)
         if ilora is not None:
             rows = ilora.method.buffer.sample(B, random.Random(args.seed))
             if len(rows) < B:
@@ -295,7 +303,7 @@ def summarise(
     seq_mem = mem_medians.get("seq")
     rows_per_step: dict[str, dict[str, float]] = {}
     for name in names:
-        if name == "ilora":  # B current rows plus a replay batch of B buffer rows
+        if name in ILORA:  # B current rows plus a replay batch of B buffer rows
             current, replayed = float(B), float(B)
         else:  # B rows, of which replay's memory supplies a share (expected over the task)
             current = B * runners[name].current_fraction
@@ -352,7 +360,7 @@ def flop_floors(
         batch = runners[name].batch
         step, textbook = train_step_flops(shape, batch), train_step_flops(shape, batch, frozen=False)
         rows, width, kept = batch_dims(batch)
-        if name == "ilora":
+        if name in ILORA:
             if "joined" not in extra:
                 continue
             ema = body_forward_flops(shape, extra["replay"])

@@ -368,3 +368,8 @@ class Session:
 
     def is_finished(self) -> bool:
         return self.state.finished
+
+    def close(self) -> None:
+        """End the processes' group together: one that exits with it open can abort in its teardown."""
+        self.state_.wait_for_everyone()
+        self.state_.destroy_process_group()
