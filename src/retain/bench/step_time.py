@@ -47,8 +47,14 @@ from retain.errors import ConfigError
 NAME = "step-time"
 HELP = "training step time and peak memory of each method, relative to seq"
 DEFAULT_METHODS = "seq,replay,ilora,peft"
-#: I-LoRA's measured floor: its two components, timed as extra variants.
-JOINED, EMA_PASS = "ilora.seq_step_on_joined_batch", "ilora.ema_body_pass"
+#: I-LoRA's measured floors: their components, timed as extra variants. The split pass costs a seq step
+#: on the current rows, one on the replayed rows and the EMA pass; the joined pass one seq step on the
+#: two batches joined (padded to one width) and the EMA pass.
+JOINED, REPLAY, EMA_PASS = (
+    "ilora.seq_step_on_joined_batch",
+    "ilora.seq_step_on_replay_batch",
+    "ilora.ema_body_pass",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             joined = concat_right_padded(runners["seq"].batch, replay, pad)
             extra = {"replay": replay, "joined": joined}
             variants[JOINED] = lambda: runners["seq"].step(joined)
+            variants[REPLAY] = lambda: runners["seq"].step(replay)
             variants[EMA_PASS] = lambda: ilora.method.stable_hidden_states(replay)
 
         samples, _ = common.interleave(variants, args.repeats, args.warmup, device, label=NAME)
@@ -320,10 +327,12 @@ def summarise(
         },
     }
     floors = flop_floors(names, runners, extra, earlier=len(runners["seq"].session.tasks) - 1)
-    if JOINED in step_medians:
-        floors.setdefault("ilora", {})["measured_ratio"] = (
-            step_medians[JOINED] + step_medians[EMA_PASS]
-        ) / seq_time
+    for name in ILORA:
+        if name in floors and JOINED in step_medians:
+            passes = (
+                (seq_time, step_medians[REPLAY]) if runners[name].method.split else (step_medians[JOINED],)
+            )
+            floors[name]["measured_ratio"] = (sum(passes) + step_medians[EMA_PASS]) / seq_time
     return {
         "methods": names,
         "samples": {"step_s": samples, "peak_bytes": memory},
@@ -364,8 +373,9 @@ def flop_floors(
             if "joined" not in extra:
                 continue
             ema = body_forward_flops(shape, extra["replay"])
-            step = train_step_flops(shape, extra["joined"]) + ema
-            textbook = train_step_flops(shape, extra["joined"], frozen=False) + ema
+            passes = (batch, extra["replay"]) if runners[name].method.split else (extra["joined"],)
+            step = sum(train_step_flops(shape, b) for b in passes) + ema
+            textbook = sum(train_step_flops(shape, b, frozen=False) for b in passes) + ema
         elif name == "lwf":
             teacher = forward_flops(shape, rows, width, kept)
             step, textbook = step + teacher, textbook + teacher
