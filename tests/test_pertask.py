@@ -42,7 +42,7 @@ def test_arguments_have_the_seed_names_and_defaults():
     )
     assert (args.PEFT_num_virtual_tokens, args.PEFT_prompt_tuning_init_text) == (10, "auto")
     assert (args.classifier, args.classification_type) == (None, "sentence-level")
-    assert args.newlora_routing == "all" and args.skip_nonfinite_loss is False
+    assert args.newlora_routing == "all" and args.skip_nonfinite_loss is False  # no heads: nothing to weigh
     assert PEFTArguments(classifier="None").classifier is None  # the seed's spelling
     assert PEFTArguments(classifier="Linear", Sub_PEFT_type="None").uses_router is False
 
@@ -431,6 +431,20 @@ def test_hard_routing_runs_only_the_argmax_tasks_adapter(tmp_path, data_dir, fav
     assert score.extra["router_accuracy"] == (1.0 if favoured == 0 else 0.0)
     owners = {p.split(":")[0] if ":" in p else "task0" for p in score.predictions}
     assert owners == {f"task{favoured}"}
+
+
+@pytest.mark.parametrize(
+    ("values", "routing"),
+    [
+        ({"classifier": "Linear"}, "soft"),  # NewLoRA is the seed's default sub-type
+        ({"classifier": "Linear", "il_mode": "TIL"}, "all"),
+        ({"classifier": "Linear", "Sub_PEFT_type": "None"}, "all"),
+        ({"classifier": "Linear", "classification_type": "word-level"}, "all"),
+        ({"classifier": "Linear", "newlora_routing": "all"}, "all"),
+    ],
+)
+def test_auto_routing_is_soft_where_it_applies(values, routing):
+    assert PEFTArguments(**values).newlora_routing == routing
 
 
 def test_soft_routing_weighs_each_rows_heads_by_the_router(tmp_path, data_dir):

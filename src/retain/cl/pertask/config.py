@@ -11,7 +11,7 @@ PEFT_TYPES = ("PromptTuning", "LoRA")
 CLASSIFIERS = ("Linear", "CosineLinear")
 CLASSIFICATION_TYPES = ("sentence-level", "word-level")
 IL_MODES = ("CIL", "TIL")
-ROUTINGS = ("all", "hard", "soft")
+ROUTINGS = ("auto", "all", "hard", "soft")
 POOLINGS = ("auto", "cls", "last", "mean")
 
 
@@ -63,11 +63,12 @@ class PEFTArguments:
         "and head are used.",
     )
     newlora_routing: str = option(
-        "all",
+        "auto",
         "CIL evaluation with NewLoRA: 'all' runs every seen task's adapter and head (T passes) and "
         "takes the highest logit; 'hard' lets the router pick one task per row (one feature pass plus one "
         "adapter pass); 'soft' weighs each head's log-softmax by the log of the router's weight for the row "
-        "(T passes, as 'all'). docs/methods/peft.md.",
+        "(T passes, as 'all'); 'auto': soft where it applies (NewLoRA, sentence-level heads, CIL; the best "
+        "CIL mode measured in docs/results.md), else all. docs/methods/peft.md.",
     )
     pooling: str = option(
         "auto",
@@ -93,6 +94,8 @@ class PEFTArguments:
         _choice(self.classification_type, CLASSIFICATION_TYPES, "classification_type")
         _choice(self.il_mode, IL_MODES, "il_mode")
         _choice(self.newlora_routing, ROUTINGS, "newlora_routing")
+        if self.newlora_routing == "auto":
+            self.newlora_routing = "soft" if self.soft_routing_applies else "all"
         _choice(self.pooling, POOLINGS, "pooling")
         if self.PEFT_lora_r < 1:
             raise ConfigError("must be at least 1", field="PEFT_lora_r")
@@ -135,6 +138,15 @@ class PEFTArguments:
                 raise ConfigError(
                     "routing applies to CIL evaluation; set il_mode: CIL", field="newlora_routing"
                 )
+
+    @property
+    def soft_routing_applies(self) -> bool:
+        return (
+            self.classifier is not None
+            and self.Sub_PEFT_type == "NewLoRA"
+            and self.classification_type == "sentence-level"
+            and self.il_mode == "CIL"
+        )
 
     @property
     def uses_heads(self) -> bool:
