@@ -210,6 +210,7 @@ def test_collection_is_the_covariance_of_the_layer_inputs_over_real_tokens(tiny_
         ]
     x = torch.cat(inputs)  # every real token of the 5 rows, no padding
     assert method.timings[-1]["tokens"] == x.shape[0] == sum(len(r["input_ids"]) for r in rows)
+    assert method.report_info() == {"subspace_timings": method.timings}  # the report and the bench show them
     torch.testing.assert_close(covs[index], x.T @ x / x.shape[0], atol=1e-5, rtol=1e-5)
 
 

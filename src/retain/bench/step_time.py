@@ -341,6 +341,9 @@ def summarise(
         "floors": floors,
         "rows_per_step": rows_per_step,
         "memory_method": memory_method,
+        # The methods' own figures from the earlier tasks (InfLoRA's subspace steps, the generative
+        # methods' writing time), timed apart from the steps.
+        "method_info": {name: info for name, r in runners.items() if (info := r.method.report_info())},
     }
 
 
@@ -434,7 +437,8 @@ def render(out: dict[str, Any]) -> str:
     )
     notes = [
         "FLOP floor: matmul FLOPs vs seq's, frozen base (backward = input gradients only); textbook: backward = "
-        "2 x forward. measured floor (ilora): a seq step on I-LoRA's joined batch + its EMA body pass, over seq.",
+        "2 x forward. measured floor, over seq: ilora (split) a seq step on each half + the EMA body pass; "
+        "ilora_joined a seq step on the joined batch + the EMA body pass.",
         f"peak memory: bytes allocated above the level before the step ({out['memory_method']}).",
     ]
     return text + "\n" + "\n".join(notes)

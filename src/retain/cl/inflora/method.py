@@ -217,6 +217,10 @@ class InfLoRA(StackedLoRA):
         )
         return covs
 
+    def report_info(self) -> dict[str, Any]:
+        """The subspace steps of this invocation, timed apart from training (collection and solve)."""
+        return {"subspace_timings": self.timings} if self.timings else {}
+
     # ---- the loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, scale: LossScale) -> torch.Tensor:
         """The answer-token cross-entropy alone: InfLoRA has no penalty."""
