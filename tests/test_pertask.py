@@ -465,6 +465,12 @@ def test_soft_routing_weighs_each_rows_heads_by_the_router(tmp_path, data_dir):
         score = method.evaluate(model, session.tasks[1], session.tasks[0], session.data[0], ctx)
         owners[favoured] = {p.split(":")[0] if ":" in p else "task0" for p in score.predictions}
     assert owners == {0: {"task0"}, 1: {"task1"}}
+    # One router feature pass per batch gives both the weights and the reported routed task.
+    passes = []
+    features = model.router_features
+    model.router_features = lambda ids, mask: passes.append(ids.size(0)) or features(ids, mask)
+    method.evaluate(model, session.tasks[1], session.tasks[0], session.data[0], ctx)
+    assert sum(passes) == len(session.data[0].test) and max(passes) <= 8
     with pytest.raises(ConfigError, match="soft routing weighs sentence-level heads"):
         PEFTArguments(
             classifier="Linear",

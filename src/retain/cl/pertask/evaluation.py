@@ -58,14 +58,14 @@ def predict_batch(
         return to_global(space, evaluated, logits.argmax(-1)), None
     if mode == "til":
         return to_global(space, evaluated, model.til_logits(evaluated, ids, mask).argmax(-1)), None
-    routed = None
-    if model.router is not None:
-        routed = route(model.router(model.router_features(ids, mask)), last + 1)
+    routed = weights = None
+    if model.router is not None:  # one feature pass: the routed task (reported) and the soft weights
+        weights = model.router(model.router_features(ids, mask))
+        routed = route(weights, last + 1)
     if mode == "all":
         logits = torch.cat([model.head_logits(j, ids, mask) for j in range(last + 1)], dim=-1)
         return logits.argmax(-1), routed
     if mode == "soft":
-        weights = model.router(model.router_features(ids, mask))
         heads = [model.head_logits(j, ids, mask) for j in range(last + 1)]
         return soft_scores(heads, weights).argmax(-1), routed
     # hard routing: one adapter pass per row, with the task the router picked
