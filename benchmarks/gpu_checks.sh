@@ -39,12 +39,8 @@ run seq_4bit quantization_bit=4 bf16=true
 run ilora_4bit cl_method=ilora quantization_bit=4 bf16=true
 # 3. step time and peak memory, side by side
 "$RETAIN" bench step-time --model "$MODEL" --device cuda --tasks agnews,SST-2,MNLI,COPA \
-  --methods seq,ilora,replay,ewc,lwf,olora,gem,agem --batch-size 8 --cutoff-len 256 --repeats 5 --warmup 2 \
-  --json "$OUT/step_time_gpu.json" | tee "$OUT/step_time_gpu.txt"
-# I-LoRA's joined pass, for its memory against the split default
-"$RETAIN" bench step-time --model "$MODEL" --device cuda --tasks agnews,MNLI --methods seq,ilora \
-  --batch-size 8 --cutoff-len 256 --repeats 5 --warmup 2 --ilora-pass joined \
-  --json "$OUT/step_time_gpu_ilora_joined.json" | tee "$OUT/step_time_gpu_ilora_joined.txt"
+  --methods seq,ilora,ilora_joined,replay,ewc,lwf,olora,gem,agem --batch-size 8 --cutoff-len 256 \
+  --repeats 5 --warmup 2 --json "$OUT/step_time_gpu.json" | tee "$OUT/step_time_gpu.txt"
 # 4. two GPUs: DDP against one
 if [ "$GPUS" -ge 2 ]; then
   for method in seq ilora; do

@@ -5,7 +5,7 @@
 # otherwise idle machine: timings taken while other jobs share the cores are noisier (the ratios,
 # measured side by side, suffer least).
 #
-#   bash benchmarks/published.sh                 # the four published (about 1.5 hours on 2 CPU cores)
+#   bash benchmarks/published.sh                 # the four main ones (about 2.5 hours on 2 CPU cores)
 #   bash benchmarks/published.sh step-time eval  # some of them
 set -euo pipefail
 
@@ -18,10 +18,19 @@ which=("$@")
 
 for name in "${which[@]}"; do
   case "$name" in
-    step-time)  # about 10 min: 4 methods + I-LoRA's 2 floor components, 1 + 5 rounds, 2 memory rounds
-      "$RETAIN" bench step-time --model smollm2-135m-instruct ${LNT:+--benchmark-dir "$LNT"} \
-        --tasks agnews,MNLI --batch-size 8 --cutoff-len 128 --repeats 5 --warmup 1 \
-        --json "$OUT/step_time_smollm2.json" ;;
+    step-time)  # about 70 min: every method beside seq (2, 4 and 8 tasks), 1 thread, as in docs/results.md
+      st=("$RETAIN" bench step-time --model smollm2-135m-instruct ${LNT:+--benchmark-dir "$LNT"} \
+        --batch-size 8 --cutoff-len 128 --warmup 1 --memory-repeats 1 --threads 1)
+      "${st[@]}" --repeats 3 --tasks agnews,MNLI --methods seq,replay,ilora,ilora_joined,peft \
+        --json "$OUT/step_time_smollm2.json"
+      "${st[@]}" --repeats 5 --tasks agnews,MNLI --methods seq,ewc,lwf,agem,gem,multitask \
+        --json "$OUT/step_time_smollm2_regularisers.json"
+      "${st[@]}" --repeats 5 --tasks MNLI,CB,WiC,COPA --methods seq,olora,nlora,inflora,gem \
+        --json "$OUT/step_time_smollm2_4tasks.json"
+      "${st[@]}" --repeats 3 --tasks agnews,MNLI --methods seq,lamol,pseudo_replay,ssr \
+        --json "$OUT/step_time_smollm2_rehearsal.json"
+      "${st[@]}" --repeats 3 --tasks MNLI,CB,WiC,COPA,QQP,RTE,agnews,SST-2 --methods seq,gem \
+        --json "$OUT/step_time_smollm2_8tasks.json" ;;
     eval)       # about 15 min: LNT short1, 50 test rows per task, as in examples/lnt_short1.yaml
       "$RETAIN" bench eval --model smollm2-135m-instruct ${LNT:+--benchmark-dir "$LNT"} \
         --tasks agnews,SST-2,MNLI,COPA --rows 50 --batch-size 16 --repeats 3 --warmup 1 \
@@ -36,8 +45,12 @@ for name in "${which[@]}"; do
         --json "$OUT/scaling_smollm2_full.json" ;;
     cil)        # about 15 min: MiniLM, peft with Linear heads and NewLoRA, LNT order1's first 8 tasks
       "$RETAIN" bench cil --model all-minilm-l6-v2 --data lnt ${LNT:+--benchmark-dir "$LNT"} --order order1 \
-        --tasks 2 4 8 --train-rows 500 --rows 200 --epochs 2 --repeats 3 --warmup 1 \
+        --tasks 2 4 8 --train-rows 200 --rows 200 --epochs 1 --repeats 3 --warmup 1 --threads 1 \
         --json "$OUT/cil_minilm_lnt.json" ;;
-    *) echo "unknown benchmark '$name' (step-time, eval, scaling, scaling-full, cil)" >&2; exit 2 ;;
+    cil-soft)   # about 20 min: the same at 2 and 4 tasks with all three routings (as published)
+      "$RETAIN" bench cil --model all-minilm-l6-v2 --data lnt ${LNT:+--benchmark-dir "$LNT"} --order order1 \
+        --tasks 2 4 --train-rows 200 --rows 200 --epochs 1 --repeats 3 --warmup 1 --threads 1 \
+        --json "$OUT/cil_minilm_lnt_soft.json" ;;
+    *) echo "unknown benchmark '$name' (step-time, eval, scaling, scaling-full, cil, cil-soft)" >&2; exit 2 ;;
   esac
 done
