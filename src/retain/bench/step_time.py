@@ -71,12 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank of every method (default 8)")
     parser.add_argument("--replay-mix-ratio", type=float, default=1.0, help="replayed rows per current row")
     parser.add_argument(
-        "--ilora-pass",
-        choices=("split", "joined"),
-        default="split",
-        help="I-LoRA's plastic passes: split (current rows, then replayed rows) or joined (default split)",
-    )
-    parser.add_argument(
         "--prep-steps", type=int, default=2, help="steps on task 1 that fill buffers (default 2)"
     )
     parser.add_argument(
@@ -92,12 +86,11 @@ def method_values(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if name == "replay":
         return {"cl_method": name, "lora_rank": rank, "replay_mix_ratio": args.replay_mix_ratio}
     if name in ILORA:
-        default = getattr(args, "ilora_pass", "split")  # `retain bench scaling` has no such option
         return {
             "cl_method": "ilora",
             "lora_rank": rank,
             "ilora_replay_batch_size": args.batch_size,
-            "ilora_pass": "joined" if name == "ilora_joined" else default,
+            "ilora_pass": "joined" if name == "ilora_joined" else "split",
         }
     if name == "peft":
         return {
@@ -284,7 +277,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": B,
         "replay_batch_size": B,
         "replay_mix_ratio": args.replay_mix_ratio,
-        "ilora_pass": args.ilora_pass,
         "cutoff_len": args.cutoff_len,
         "lora_rank": args.lora_rank,
         "prep_steps": args.prep_steps,
