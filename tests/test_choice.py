@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from retain.eval.choice import choice_log_likelihoods, pick
+from retain.errors import ConfigError
+from retain.eval.choice import (
+    choice_layout,
+    choice_log_likelihoods,
+    packed_attention_mask,
+    padding_bounded_batches,
+    pick,
+)
 from retain.eval.metrics import micro_metrics
 from retain.eval.scoring import rouge_l, score
 from retain.model.tiny import build_tiny_model, build_tiny_tokenizer
@@ -45,9 +52,54 @@ def test_pick_sum_or_mean():
     assert pick([-3.0, -4.0], [1, 4], "mean") == 1  # -1 per token beats -3
 
 
+def test_choice_layout_packs_all_but_each_last_token():
+    layout = choice_layout([[5], [7, 8, 9], [3, 4]])
+    assert (layout.tokens, layout.segment, layout.depth) == ([7, 8, 3], [1, 1, 2], [0, 1, 0])
+    # Every first token is scored at the prompt's last position (row 0); token j after packed token j - 1.
+    assert layout.rows == [0, 0, 1, 2, 0, 3]
+    assert layout.owner == [0, 1, 1, 1, 2, 2]
+    assert layout.target == [5, 7, 8, 9, 3, 4]
+    with pytest.raises(ValueError, match="at least one token"):
+        choice_layout([[1], []])
+
+
+def test_packed_attention_mask_by_hand():
+    # Keys: 1 prefix token, 2 prompt tokens (row 0 left-padded), 1 packed token (choice 1's first).
+    allowed = packed_attention_mask(torch.tensor([[0, 1], [1, 1]]), 1, choice_layout([[5], [7, 8]]))
+    T, F = True, False
+    assert allowed.shape == (2, 1, 3, 4)
+    assert allowed[0, 0].tolist() == [[T, T, F, F], [T, F, T, F], [T, F, T, T]]  # the pad sees itself only
+    assert allowed[1, 0].tolist() == [[T, T, F, F], [T, T, T, F], [T, T, T, T]]
+    other = packed_attention_mask(torch.tensor([[1]]), 0, choice_layout([[1, 2], [3, 4, 5]]))
+    # Packed tokens 1, 3, 4 (choices 0, 1, 1): each sees the prompt and its own choice's earlier tokens.
+    assert other[0, 0].tolist() == [
+        [T, F, F, F],
+        [T, T, F, F],
+        [T, F, T, F],
+        [T, F, T, T],
+    ]
+
+
+def test_padding_bounded_batches_bound_rows_and_padding():
+    # Batch size 3, longest first; a row joins while rows x longest <= 1.1 x the batch's real tokens.
+    # 100 alone (2 x 100 > 1.1 x 112); 12, 11, 10: 3 x 12 = 36 <= 1.1 x 33 = 36.3; 9: the batch is full.
+    assert padding_bounded_batches([10, 100, 12, 11, 9], 3) == [[1], [2, 3, 0], [4]]
+    assert padding_bounded_batches([10, 8], 4) == [[0], [1]]  # 2 x 10 = 20 > 1.1 x 18 = 19.8
+    assert padding_bounded_batches([4, 4, 4, 4], 3) == [[0, 1, 2], [3]]
+    assert padding_bounded_batches([], 3) == []
+
+
+def test_choice_with_flash_attention_is_a_config_error(tiny_config):
+    from retain.cl.registry import parse_config
+
+    with pytest.raises(ConfigError, match="flash_attn fa2 cannot take") as err:
+        parse_config(tiny_config(eval_mode="both", flash_attn="fa2"))
+    assert err.value.field == "eval_mode"
+
+
 def reference_log_likelihood(model, prompt, choice):
     ids = torch.tensor([prompt + choice])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), dim=-1)
     return sum(logp[len(prompt) - 1 + j, token].item() for j, token in enumerate(choice))
 
 
@@ -60,7 +112,10 @@ def test_choice_log_likelihoods_match_one_sequence_at_a_time(arch, share_prefix)
     prompts = [
         head + tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("a", "longer row", "mid row")
     ]
-    choices = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("yes", "no", "maybe so")]
+    choices = [
+        tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("yes", "no", "maybe so", "not at all")
+    ]
+    assert len({len(c) for c in choices}) > 1  # labels of several lengths share the packed pass
     got = choice_log_likelihoods(
         model, prompts, choices, tokenizer.pad_token_id, batch_size=2, share_prefix=share_prefix
     )
@@ -91,3 +146,20 @@ def test_eval_mode_choice_and_both_in_a_run(tiny_config, data_dir, tmp_path):
     report = (tmp_path / "choice" / "report.md").read_text()
     assert "Scored by choice" in report and "Last (micro)" in report
     assert 0 <= both["extra_matrices"]["mode_agreement"][3][0] <= 1
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral"])  # sliding and full layers; every layer sliding
+def test_choice_keeps_the_sliding_window(arch):
+    tokenizer = build_tiny_tokenizer(arch)
+    model = build_tiny_model(arch, tokenizer)
+    model.config.sliding_window = 6  # shorter than the prompts, so the window changes the scores
+    head = tokenizer("Shared instruction text: ", add_special_tokens=False)["input_ids"]
+    prompts = [head + tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("a b", "longer row here")]
+    choices = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("yes", "maybe so")]
+    got = choice_log_likelihoods(model, prompts, choices, tokenizer.pad_token_id, batch_size=2)
+    with torch.no_grad():
+        want = [[reference_log_likelihood(model, p, c) for c in choices] for p in prompts]
+        model.config.sliding_window = 10_000
+        unwindowed = [[reference_log_likelihood(model, p, c) for c in choices] for p in prompts]
+    assert torch.tensor(got) == pytest.approx(torch.tensor(want), abs=1e-4)
+    assert torch.tensor(got) != pytest.approx(torch.tensor(unwindowed), abs=1e-3)

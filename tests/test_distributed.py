@@ -139,13 +139,19 @@ PEFT_HEADS = {
 }
 EXACT_METHODS["peft-heads-CIL"] = {**PEFT_HEADS, "il_mode": "CIL", "Sub_PEFT_type": "NewLoRA"}
 EXACT_METHODS["peft-heads-TIL"] = {**PEFT_HEADS, "il_mode": "TIL", "Sub_PEFT_type": "None"}
+#: Choice evaluation: the processes score their share of the length-bounded batches and gather them.
+EXACT_METHODS["seq-choice"] = {"eval_mode": "both"}
 
 
 @pytest.mark.parametrize("method", sorted(EXACT_METHODS))
 def test_two_processes_match_one(method, tiny_config, learnable_dir, data_dir, tmp_path):
+    if "choice" in method:  # label sets for task0 and task1
+        info = json.loads((data_dir / "dataset_info.json").read_text())
+        info["task0"]["label_list"], info["task1"]["label_list"] = ["yes", "no"], ["red", "blue"]
+        (data_dir / "dataset_info.json").write_text(json.dumps(info))
     base = tiny_config(
         cl_method=method.split("-")[0],
-        dataset_dir=str(data_dir if "heads" in method else learnable_dir),
+        dataset_dir=str(data_dir if "heads" in method or "choice" in method else learnable_dir),
         cl_tasks="task0,task1",
         logging_steps=1,
         learning_rate=1e-2,
@@ -172,9 +178,12 @@ def test_two_processes_match_one(method, tiny_config, learnable_dir, data_dir, t
         assert len(expected) == len(got) > 0
         # Same rows per optimizer step; only the reduction order differs.
         assert got == pytest.approx(expected, abs=1e-4)
-    matrix_one = json.loads((one / "metrics.json").read_text())["matrix"]
-    matrix_two = json.loads((two / "metrics.json").read_text())["matrix"]
-    assert matrix_two == matrix_one
+    metrics_one = json.loads((one / "metrics.json").read_text())
+    metrics_two = json.loads((two / "metrics.json").read_text())
+    assert metrics_two["matrix"] == metrics_one["matrix"]
+    assert metrics_two.get("extra_matrices") == metrics_one.get("extra_matrices")
+    if "choice" in method:
+        assert metrics_one["extra_matrices"]["choice_accuracy"][2][0] is not None
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 

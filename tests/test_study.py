@@ -79,6 +79,14 @@ def test_cells_run_once_resume_and_report(spec, tmp_path, capsys):
     (report / "comparison.md").unlink()
     assert main(["study", str(spec), "--report"]) == 0
     assert (report / "comparison.md").read_text() == table
+    # ... and the copied cells count as finished: nothing runs again.
+    capsys.readouterr()
+    assert main(["study", str(spec), "--list"]) == 0
+    assert all(" done " in line for line in capsys.readouterr().out.splitlines())
+    assert main(["study", str(spec), "--lanes", "2"]) == 0
+    assert "started" not in capsys.readouterr().out and not (tmp_path / "runs").exists()
+    (report / "seq_s2" / "metrics.json").unlink()  # deleting a copy runs that cell again
+    assert [c.label for c in load_study(spec).cells if not c.finished()] == ["seq_s2"]
     with pytest.raises(ConfigError, match="no cell 9"):
         main(["study", str(spec), "--cell", "9", "--debug"])
 

@@ -13,7 +13,8 @@ A spec (see benchmarks/studies/) holds:
 Each cell is one run in `<output_root>/<other grid values>/<variant>_s<seed>`: `--list` prints the
 cells, `--cell I` runs one (a Slurm job array runs one cell per task), `--lanes N` runs them all in
 N local processes sharing the cores, `--report` compares the finished cells (mean and sd over seeds
-per variant, `retain compare`) into `report_dir/<other grid values>/`. A finished cell is skipped;
+per variant, `retain compare`) into `report_dir/<other grid values>/`. A finished cell is skipped
+(one whose metrics.json copy is in report_dir counts as finished: delete the copy to run it again);
 an interrupted one resumes.
 """
 
@@ -56,9 +57,14 @@ class Cell:
     #: The sub-folder shared by the cells compared together (the grid values other than variant and seed).
     group: str = ""
     label: str = ""
+    #: Where --report keeps a copy of the cell's metrics.json (report_dir/<group>/<label>/).
+    report_copy: Path | None = None
 
     def finished(self) -> bool:
-        return (self.output_dir / "metrics.json").is_file()
+        """The run folder holds metrics.json, or report_dir holds the copy (a clone without the runs)."""
+        if (self.output_dir / "metrics.json").is_file():
+            return True
+        return self.report_copy is not None and self.report_copy.is_file()
 
 
 @dataclass
@@ -139,7 +145,8 @@ def load_study(path: str | Path) -> Study:
         group = "/".join(others)
         output_dir = output_root.joinpath(*others, label)
         values["output_dir"] = str(output_dir)
-        study.cells.append(Cell(index, point, values, output_dir, group=group, label=label))
+        copy = study.report_dir.joinpath(*others, label, "metrics.json")
+        study.cells.append(Cell(index, point, values, output_dir, group=group, label=label, report_copy=copy))
     return study
 
 
@@ -215,9 +222,10 @@ def report(study: Study) -> list[Path]:
     for cell in study.cells:
         out = study.report_dir / cell.group if cell.group else study.report_dir
         copy = out / cell.label / "metrics.json"
-        if cell.finished() and copy.resolve() != (cell.output_dir / "metrics.json").resolve():
+        run_metrics = cell.output_dir / "metrics.json"
+        if run_metrics.is_file() and copy.resolve() != run_metrics.resolve():
             copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(cell.output_dir / "metrics.json", copy)
+            shutil.copyfile(run_metrics, copy)
         if copy.is_file():
             name = str(cell.point.get("variant", cell.label.rsplit("_s", 1)[0]))
             runs = groups.setdefault(str(out), {})

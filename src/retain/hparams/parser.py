@@ -264,11 +264,19 @@ def build_run_config(values: dict[str, Any], source: str, methods: Mapping[str, 
             f"'template': '{data.template}' is not a template retain knows ({', '.join(TEMPLATE_NAMES)}): "
             "using the model's own chat template (auto)"
         )
+    model, generating = build(ModelArguments), build(GeneratingArguments)
+    if generating.eval_mode != "generate" and model.flash_attn == "fa2":
+        raise ConfigError(
+            f"eval_mode {generating.eval_mode} scores the labels under a custom attention mask, which "
+            "flash_attn fa2 cannot take: use flash_attn sdpa (or eval_mode generate)",
+            source=source,
+            field="eval_mode",
+        )
     return RunConfig(
-        model=build(ModelArguments),
+        model=model,
         data=data,
         finetuning=build(FinetuningArguments),
-        generating=build(GeneratingArguments),
+        generating=generating,
         cl=build(CLArguments),
         method_args=build(method_cls) if method_cls is not None else None,
         training=_training_arguments(training_values, source, notes),
