@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from retain.cl.ilora import ILORA, Buffer, ILORAArguments, ILORATrainer, load_ilora_model, run_sft_ilora
-from retain.cl.ilora.ilora import (
-    BUFFER_FILE,
+from retain.cl.ilora.ilora import BUFFER_FILE
+from retain.cl.ilora.ilora_math import (
     concat_right_padded,
     consistency_loss,
     ema_decay,

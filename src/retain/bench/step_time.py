@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows = ilora.method.buffer.sample(B, random.Random(args.seed))
             if len(rows) < B:
                 raise ConfigError("I-LoRA's buffer holds fewer rows than --batch-size: raise --prep-steps")
-            from retain.cl.ilora.ilora import concat_right_padded
+            from retain.cl.ilora.ilora_math import concat_right_padded
 
             pad = ilora.session.tokenizer.pad_token_id
             replay = ilora.to_device(pad_batch(rows, pad, side="right"))
