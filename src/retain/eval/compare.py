@@ -125,22 +125,31 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def line_styles(count: int) -> list[dict[str, Any]]:
+    """One distinct look per line: ten colours, then the same ten dashed, then dotted, ..."""
+    from retain.eval.report import pyplot
+
+    colours = pyplot().get_cmap("tab10").colors
+    dashes = ["-", "--", ":", "-."]
+    return [{"color": colours[i % 10], "linestyle": dashes[(i // 10) % len(dashes)]} for i in range(count)]
+
+
 def comparison_png(summary: dict[str, Any]) -> bytes:
     """Mean accuracy over the tasks seen so far, after each task, one line per group."""
     from retain.eval.report import figure_bytes, pyplot
 
     fig, ax = pyplot().subplots(figsize=(6, 3.6))
-    for label, entry in summary.items():
+    for style, (label, entry) in zip(line_styles(len(summary)), summary.items(), strict=True):
         curve = entry["seen_average"]
         xs = [k for k, v in enumerate(curve, start=1) if v is not None]
-        ax.plot(xs, [100 * curve[k - 1] for k in xs], marker="o", label=label)
+        ax.plot(xs, [100 * curve[k - 1] for k in xs], marker="o", label=label, **style)
     tasks = next(iter(summary.values()))["tasks"] if summary else []
     ax.set_xticks(range(1, len(tasks) + 1), [f"T{k}" for k in range(1, len(tasks) + 1)])
     ax.set_xlabel("after training task")
     ax.set_ylabel("mean accuracy over seen tasks (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the plot, not on it
     return figure_bytes(fig)
 
 
@@ -175,11 +184,11 @@ def task_curves_png(summary: dict[str, Any]) -> bytes:
     fig, axes = _grid(max(1, len(tasks)), 3.4, 2.8, 4)
     steps = list(range(len(tasks) + 1))
     for i, (ax, task) in enumerate(zip(axes, tasks, strict=False)):
-        for label, entry in summary.items():
+        for style, (label, entry) in zip(line_styles(len(summary)), summary.items(), strict=True):
             if entry["tasks"] != tasks:
                 continue
             ys = [math.nan if row[i] is None else 100 * row[i] for row in entry["matrix"]]
-            ax.plot(steps, ys, marker="o", markersize=3, label=label)
+            ax.plot(steps, ys, marker="o", markersize=3, label=label, **style)
         ax.axvline(i + 1, color="#999999", linewidth=0.8, linestyle="--", zorder=0)
         ax.set_xticks(steps, ["base", *[f"T{k}" for k in range(1, len(tasks) + 1)]], fontsize=7)
         ax.set_ylim(-2, 102)
@@ -187,7 +196,8 @@ def task_curves_png(summary: dict[str, Any]) -> bytes:
         ax.grid(alpha=0.3)
     if axes:
         axes[0].set_ylabel("accuracy (%)")
-        axes[0].legend(fontsize=7)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return figure_bytes(fig)
 
