@@ -54,17 +54,14 @@ class Cell:
     point: dict[str, Any]
     values: dict[str, Any]
     output_dir: Path
-    #: The sub-folder shared by the cells compared together (the grid values other than variant and seed).
-    group: str = ""
     label: str = ""
-    #: Where --report keeps a copy of the cell's metrics.json (report_dir/<group>/<label>/).
-    report_copy: Path | None = None
+    #: Where --report keeps a copy of the cell's metrics.json: report_dir/<the grid values other than
+    #: variant and seed>/<label>/ (the cells of one such folder are compared together).
+    report_copy: Path = Path()
 
     def finished(self) -> bool:
         """The run folder holds metrics.json, or report_dir holds the copy (a clone without the runs)."""
-        if (self.output_dir / "metrics.json").is_file():
-            return True
-        return self.report_copy is not None and self.report_copy.is_file()
+        return (self.output_dir / "metrics.json").is_file() or self.report_copy.is_file()
 
 
 @dataclass
@@ -142,11 +139,10 @@ def load_study(path: str | Path) -> Study:
         others = [str(point[k]) for k in keys if k not in ("variant", "seed")]
         name = str(variant if variant is not None else values.get("cl_method", "run"))
         label = f"{name}_s{point['seed']}" if "seed" in point else name
-        group = "/".join(others)
         output_dir = output_root.joinpath(*others, label)
         values["output_dir"] = str(output_dir)
         copy = study.report_dir.joinpath(*others, label, "metrics.json")
-        study.cells.append(Cell(index, point, values, output_dir, group=group, label=label, report_copy=copy))
+        study.cells.append(Cell(index, point, values, output_dir, label=label, report_copy=copy))
     return study
 
 
@@ -220,8 +216,8 @@ def report(study: Study) -> list[Path]:
 
     groups: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {}
     for cell in study.cells:
-        out = study.report_dir / cell.group if cell.group else study.report_dir
-        copy = out / cell.label / "metrics.json"
+        copy = cell.report_copy
+        out = copy.parent.parent  # the folder of the cells compared together
         run_metrics = cell.output_dir / "metrics.json"
         if run_metrics.is_file() and copy.resolve() != run_metrics.resolve():
             copy.parent.mkdir(parents=True, exist_ok=True)

@@ -127,9 +127,9 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
 
 def line_styles(count: int) -> list[dict[str, Any]]:
     """One distinct look per line: ten colours, then the same ten dashed, then dotted, ..."""
-    from retain.eval.report import pyplot
+    import matplotlib
 
-    colours = pyplot().get_cmap("tab10").colors
+    colours = matplotlib.colormaps["tab10"].colors
     dashes = ["-", "--", ":", "-."]
     return [{"color": colours[i % 10], "linestyle": dashes[(i // 10) % len(dashes)]} for i in range(count)]
 
