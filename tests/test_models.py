@@ -28,6 +28,43 @@ def test_torch_dtype_loads_the_base_in_that_dtype_and_lora_stays_float32():
     assert next(auto.parameters()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_tiny_model_in_another_dtype_keeps_every_weight(arch):
+    """The tiny model goes through a checkpoint folder for another dtype: nothing is lost on the way."""
+    name = f"tiny-random-{arch}"
+    reference = dict(load_model(ModelArguments(model_name_or_path=name))[0].state_dict())
+    half = dict(load_model(ModelArguments(model_name_or_path=name, torch_dtype="bfloat16"))[0].state_dict())
+    assert half.keys() == reference.keys()
+    for key, weight in reference.items():
+        assert torch.equal(half[key], weight.to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("llama", True), ("gemma2", False)])
+def test_saving_in_any_process_writes_what_save_pretrained_writes(arch, tied, tmp_path):
+    """The folder written without `save_pretrained` (which only rank 0 may call) holds the same files,
+    config and tensors, a tied output embedding (as SmolLM2's) once under the same name."""
+    from safetensors.torch import load_file
+
+    from retain.model.loader import _save_in_this_process
+    from retain.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(arch, build_tiny_tokenizer(arch))
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "reference")
+    _save_in_this_process(model, tmp_path / "ours")
+    names = {path.name for path in (tmp_path / "reference").iterdir()}
+    assert {path.name for path in (tmp_path / "ours").iterdir()} == names
+    for name in names - {"model.safetensors"}:
+        assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads(
+            (tmp_path / "reference" / name).read_text()
+        )
+    ours, reference = (load_file(tmp_path / folder / "model.safetensors") for folder in ("ours", "reference"))
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[key], reference[key]) for key in reference)
+
+
 @pytest.mark.parametrize(("key", "kernel"), [("disabled", "eager"), ("sdpa", "sdpa")])
 def test_flash_attn_maps_to_the_attention_implementation(key, kernel):
     model, _ = load_model(ModelArguments(model_name_or_path=TINY, flash_attn=key))

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from retain.errors import ModelError
@@ -26,7 +28,7 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """Dequantise a GGUF file into a float32 safetensors HF directory."""
     model, tokenizer = _load_gguf(gguf_file)
-    model.save_pretrained(out_dir)
+    _save_in_this_process(model, out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -44,6 +46,22 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, _finish_tokenizer(tokenizer)
+
+
+def _save_in_this_process(model: torch.nn.Module, folder: Path) -> None:
+    """Write `model` as a checkpoint folder from any process: once a process group is up,
+    `save_pretrained` writes on rank 0 only, and every process here needs its own copy."""
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tensors, stored = {}, set()
+    for key, tensor in model.state_dict().items():
+        place = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        if place not in stored:  # a tied weight is stored once, under its first name
+            stored.add(place)
+            tensors[key] = tensor.contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -112,10 +130,11 @@ def _load(args: ModelArguments, kind: str) -> tuple[torch.nn.Module, PreTrainedT
         if options == {"dtype": torch.float32}:
             return model, tokenizer
         with tempfile.TemporaryDirectory() as folder:  # through from_pretrained, as a real checkpoint loads
-            model.save_pretrained(folder)
+            _save_in_this_process(model, Path(folder))
             return AutoModelForCausalLM.from_pretrained(folder, **options), tokenizer
     if name in ALIASES:
-        path = prepare_alias(name, args.model_cache_dir)
+        with PartialState().local_main_process_first():  # one process per machine fills the cache
+            path = prepare_alias(name, args.model_cache_dir)
         local_only = True
     else:
         path = Path(name).expanduser()
