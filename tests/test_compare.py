@@ -88,3 +88,29 @@ def test_a_tiny_negative_mean_prints_as_zero(tmp_path):
     run = write_run(tmp_path / "m_s1", [[0, 0], [1, 0], [1, 1]], 1, bwt=-1e-17)
     text = comparison_markdown(compare(parse_run_args([str(run)])))
     assert "-0.0" not in text and "| m | seq | 1 | n/a | n/a | 0.0 |" in text
+
+
+def test_extra_matrices_are_summarised_when_every_run_has_them(tmp_path):
+    """eval_mode both: choice accuracy and mode agreement get Last/Avg/BWT by the main matrix's definitions."""
+    main_matrix = [[0, 0], [1, 0], [1, 1]]
+    one = write_run(tmp_path / "seq_s1", main_matrix, 1)
+    two = write_run(tmp_path / "seq_s2", main_matrix, 2)
+    for run, choice, only_here in (
+        (one, [[0.5, 0.5], [0.9, 0.2], [0.7, 0.8]], {"mode_agreement": [[1, 1], [1, 1], [1, 1]]}),
+        (two, [[0.5, 0.5], [0.8, 0.4], [0.8, 0.6]], {}),
+    ):
+        doc = json.loads((run / "metrics.json").read_text())
+        doc["extra_matrices"] = {"choice_accuracy": choice, **only_here}
+        (run / "metrics.json").write_text(json.dumps(doc))
+    summary = compare(parse_run_args([str(one), str(two)]))
+    extra = summary["seq"]["extra"]
+    assert list(extra) == ["choice_accuracy"]  # mode_agreement: one run lacks it, so it is left out
+    # Last: (0.7 + 0.8) / 2 = 0.75 and (0.8 + 0.6) / 2 = 0.7; Avg: (0.9 + 0.75) / 2 and (0.8 + 0.7) / 2;
+    # BWT: 0.7 - 0.9 and 0.8 - 0.8.
+    assert extra["choice_accuracy"]["last"]["mean"] == pytest.approx(0.725)
+    assert extra["choice_accuracy"]["last"]["sd"] == pytest.approx(math.sqrt(2 * 0.025**2))
+    assert extra["choice_accuracy"]["avg"]["mean"] == pytest.approx((0.825 + 0.75) / 2)
+    assert extra["choice_accuracy"]["bwt"]["mean"] == pytest.approx(-0.1)
+    text = comparison_markdown(summary)
+    assert "`choice_accuracy` (an extra matrix" in text and "`mode_agreement`" not in text
+    assert "| seq | 72.5 ± 3.5 | 78.8 ± 5.3 | -10.0 ± 14.1 |" in text

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from retain.errors import RetainError
+from retain.eval.metrics import all_metrics
 from retain.eval.report import load_metrics
 from retain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -85,8 +86,23 @@ def compare(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, An
             _elementwise_mean(list(rows)) for rows in zip(*(m["matrix"] for _, m in runs), strict=True)
         ]
         entry["seen_average"] = _elementwise_mean([seen_average_curve(m["matrix"]) for _, m in runs])
+        entry["extra"] = _extra_summaries([metrics for _, metrics in runs])
         summary[label] = entry
     return summary
+
+
+def _extra_summaries(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """The metrics of each extra matrix (eval_mode both: choice accuracy, mode agreement) that every run
+    of the group has, read with the main matrix's definitions; mean and sd over the runs."""
+    names = set.intersection(*(set(metrics.get("extra_matrices") or {}) for metrics in runs))
+    extra = {}
+    for name in sorted(names):
+        per_run = [all_metrics(metrics["extra_matrices"][name]) for metrics in runs]
+        extra[name] = {
+            key: dict(zip(("mean", "sd"), mean_and_sd([values[key] for values in per_run]), strict=True))
+            for key in METRIC_KEYS
+        }
+    return extra
 
 
 def _pct(mean: float | None, sd: float | None) -> str:
@@ -122,6 +138,15 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
             cells = [_pct(run[key], None) for key in METRIC_KEYS]
             wall = _minutes(run["wall_time_s"])
             lines.append(f"| {run['run']} | {run['seed']} | {' | '.join(cells)} | {wall} |")
+    for name in sorted({name for entry in summary.values() for name in entry.get("extra", {})}):
+        lines += ["", f"`{name}` (an extra matrix, read with the same definitions):", ""]
+        lines += ["| run | Last | Avg | BWT | FWT | Forgetting |", "|---|---|---|---|---|---|"]
+        for label, entry in summary.items():
+            values = entry.get("extra", {}).get(name, {})
+            cells = [
+                _pct(values.get(key, {}).get("mean"), values.get(key, {}).get("sd")) for key in METRIC_KEYS
+            ]
+            lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
