@@ -447,10 +447,9 @@ def test_lamol_processes_write_the_same_rows(tiny_config, learnable_dir, tmp_pat
     which would test the CPU rather than LAMOL. In float64 (the token losses are still taken in float32,
     `cl/loss.py`) they stay near 2e-7 relative throughout, so task 0's losses must agree to 1e-5 relative
     (1e-4 absolute at these losses, as in `EXACT_METHODS`) and the sampled rows (temperature 0.05) do not
-    move by chance.
-    Task 1 trains 16 rows plus the written ones: a count that is not a multiple of the global batch, for
-    which the distributed sampler composes the steps differently from one process (an engine property,
-    not LAMOL's), so only its step count and the matrix are compared.
+    move by chance. Task 1 trains 16 rows plus the written ones: a count that is not a multiple of the
+    global batch, for which the distributed sampler composes the steps differently from one process (an
+    engine property, not LAMOL's), so only its step count and the matrix are compared.
     """
     base = tiny_config(
         cl_method="lamol",
