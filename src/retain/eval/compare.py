@@ -92,8 +92,8 @@ def compare(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, An
 
 
 def _extra_summaries(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """The metrics of each extra matrix (eval_mode both: choice accuracy, mode agreement) that every run
-    of the group has, read with the main matrix's definitions; mean and sd over the runs."""
+    """The metrics of each extra matrix (choice accuracy, mode agreement, off-label share, router accuracy)
+    that every run of the group has, read with the main matrix's definitions; mean and sd over the runs."""
     names = set.intersection(*(set(metrics.get("extra_matrices") or {}) for metrics in runs))
     extra = {}
     for name in sorted(names):
@@ -138,14 +138,13 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
             cells = [_pct(run[key], None) for key in METRIC_KEYS]
             wall = _minutes(run["wall_time_s"])
             lines.append(f"| {run['run']} | {run['seed']} | {' | '.join(cells)} | {wall} |")
-    for name in sorted({name for entry in summary.values() for name in entry.get("extra", {})}):
+    missing = {"mean": None, "sd": None}
+    for name in sorted({name for entry in summary.values() for name in entry["extra"]}):
         lines += ["", f"`{name}` (an extra matrix, read with the same definitions):", ""]
         lines += ["| run | Last | Avg | BWT | FWT | Forgetting |", "|---|---|---|---|---|---|"]
         for label, entry in summary.items():
-            values = entry.get("extra", {}).get(name, {})
-            cells = [
-                _pct(values.get(key, {}).get("mean"), values.get(key, {}).get("sd")) for key in METRIC_KEYS
-            ]
+            stats = entry["extra"].get(name, {})
+            cells = [_pct(**stats.get(key, missing)) for key in METRIC_KEYS]
             lines.append(f"| {label} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
