@@ -122,7 +122,7 @@ def test_derived_seeds_are_stable_and_distinct():
 def test_arguments_defaults_and_checks():
     args = PseudoReplayArguments()
     assert (args.num_samples_per_task, args.generation_temperature, args.num_shots) == (200, 1.0, 5)
-    assert args.base_model_path is None and args.pseudo_samples_dir is None
+    assert args.base_model_path is None and args.pseudo_samples_dir is None and args.generate_for_last_task
     base = {"model_name_or_path": "tiny-random-llama", "cl_tasks": "a"}
     config = parse_config(
         {**base, "use_pseudo_replay": True, "base_model_path": "x", "pseudo_samples_dir": "p"}
@@ -309,6 +309,18 @@ def test_a_resumed_run_reuses_the_written_rows(tiny_config, learnable_dir, tmp_p
     changed.load()
     changed.train_task(changed.tasks[0], changed.data[0])
     assert [c["count"] for c in changed_calls] == [5]
+
+
+def test_the_last_task_writes_no_rows_when_told(tiny_config, learnable_dir, tmp_path):
+    values = run_values(tiny_config, learnable_dir, tmp_path, "run", generate_for_last_task=False)
+    session = Session(parse_config(values))
+    session.load()
+    calls = stub_base_model(session.method)
+    method, (first, *_, last) = session.method, session.tasks
+    method.end_task(session.model, last, session.data[-1])
+    assert calls == [] and method.memory == {last.name: []}
+    method.end_task(session.model, first, session.data[0])
+    assert [c["count"] for c in calls] == [9] and len(method.memory[first.name]) == 4
 
 
 def test_no_samples_is_exactly_seq(tiny_config, learnable_dir, tmp_path):

@@ -176,3 +176,18 @@ def test_no_memory_is_exactly_seq(tiny_config, learnable_dir, tmp_path):
     assert max(v for row in seq_metrics["matrix"] for v in row) > 0
     a, b = adapter_parameters(seq.model, "default"), adapter_parameters(zero.model, "default")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_rows_for_the_last_task_changes_no_result(tiny_config, learnable_dir, tmp_path):
+    runs = {}
+    for name, last in (("all", True), ("skip", False)):
+        session = Session(
+            parse_config(run_values(tiny_config, learnable_dir, tmp_path, name, generate_for_last_task=last))
+        )
+        calls = stub_inputs(session.method)
+        runs[name] = (session, session.run(), calls)
+    (full, full_metrics, full_calls), (skip, skip_metrics, skip_calls) = runs["all"], runs["skip"]
+    assert len(full_calls) == 2 and len(skip_calls) == 1, "nothing is made when the last task ends"
+    assert skip.method.memory == {"task0": full.method.memory["task0"], "task1": []}
+    assert not (tmp_path / "skip" / "pseudo" / "task1.json").exists()
+    assert skip_metrics["matrix"] == full_metrics["matrix"]

@@ -31,6 +31,11 @@ class PseudoReplayArguments:
         "Real train rows of the task (>= 1, a seeded draw) shown in the few-shot prompt when the "
         "task ends; none is kept afterwards. EasyCL's default, 5.",
     )
+    generate_for_last_task: bool = option(
+        True,
+        "Write rows of the run's last task too. Only a later run continuing from this one "
+        "(previous_task_model) replays them; false saves that generation when the sequence ends here.",
+    )
     pseudo_samples_dir: str | None = option(
         None,
         "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "

@@ -7,6 +7,7 @@ completion's first block is parsed into an alpaca row (`retain.cl.rehearsal.rows
 repeated ones are dropped and counted. The rows are kept (`memory`, saved with the task) and
 written to `pseudo/<t>.json`; every later task trains on its own rows plus the rows of every
 earlier task, mixed as `replay` mixes (concatenated; the Trainer shuffles). No real row is kept.
+With `generate_for_last_task: false` nothing is written when the run's last task ends.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class PseudoReplay(GenerativeRehearsal):
 
     def end_task(self, model, task: Task, data) -> None:
         args = self.args
-        if args.num_samples_per_task == 0:
+        if args.num_samples_per_task == 0 or not self.writes_rows_of(task):
             self.memory[task.name] = []
             return
 

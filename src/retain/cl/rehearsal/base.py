@@ -88,6 +88,11 @@ class GenerativeRehearsal(Seq):
                 encoded.append(item)
         return encoded
 
+    def writes_rows_of(self, task: Task) -> bool:
+        """Whether rows of `task` are made when it ends: yes, except after the run's last task when
+        `generate_for_last_task` is false (only a run continuing from this one would use them)."""
+        return task != self.tasks[-1] or self.args.generate_for_last_task
+
     # ---- generation ------------------------------------------------------------------------------------
     def sample(
         self,
@@ -154,7 +159,11 @@ class GenerativeRehearsal(Seq):
     def fingerprint(self, model: torch.nn.Module, name: str, **extra: Any) -> str:
         """What decides a generation: the method's settings, the seed, the model, the prompt format, the
         generation's own inputs (`extra`) and the adapter's weights."""
-        settings = {k: v for k, v in dataclasses.asdict(self.args).items() if not k.endswith("_samples_dir")}
+        settings = {
+            k: v
+            for k, v in dataclasses.asdict(self.args).items()
+            if not k.endswith("_samples_dir") and k != "generate_for_last_task"
+        }
         head = {
             "method": self.name,
             "name": name,

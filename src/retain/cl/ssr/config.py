@@ -35,6 +35,11 @@ class SSRArguments:
     pseudo_sample_memory: int = option(
         200, "Rows (>= 0) kept per task for rehearsal. 0: nothing rehearsed. EasyCL's default, 200."
     )
+    generate_for_last_task: bool = option(
+        True,
+        "Make rows of the run's last task too. Only a later run continuing from this one "
+        "(previous_task_model) rehearses them; false saves that work when the sequence ends here.",
+    )
     pseudo_samples_dir: str | None = option(
         None,
         "EasyCL's folder for the generated rows. The rows always go to <output_dir>/pseudo/; when "

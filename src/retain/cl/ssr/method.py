@@ -12,6 +12,7 @@ When task t ends (`end_task`, every process, after its last optimizer step):
    centroids first (`retain.cl.ssr.selection`).
 The rows are kept (`memory`, saved with the task), written to `pseudo/<t>.json`, and rehearsed with
 every later task (concatenated with its rows; the Trainer shuffles). No real row is kept.
+With `generate_for_last_task: false` nothing is made when the run's last task ends.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class SSR(GenerativeRehearsal):
 
     def end_task(self, model, task: Task, data) -> None:
         args = self.args
-        if args.pseudo_sample_memory == 0 or args.ssr_num_candidates == 0:
+        if args.pseudo_sample_memory == 0 or args.ssr_num_candidates == 0 or not self.writes_rows_of(task):
             self.memory[task.name] = []
             return
 
