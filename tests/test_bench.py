@@ -186,3 +186,22 @@ def test_cil(tmp_path, capsys):
     one = out["results"]["1"]["accuracy"]  # one task: the three routings answer alike
     assert one["all"] == one["hard"] == one["soft"]
     assert "all / hard" in printed
+
+
+def test_write(tmp_path, capsys):
+    out, printed = bench(
+        tmp_path,
+        capsys,
+        "write",
+        *("--data", "demo", "--rows", "3", "--batch-size", "2", "--num-shots", "1"),
+        *("--repeats", "2", "--warmup", "0"),
+    )
+    task = out["tasks"]["paint_colour"]
+    assert task["prompt_tokens"] > 0 and task["max_new_tokens"] > 0
+    for v in ("static", "dynamic"):
+        assert out["samples"][f"paint_colour:{v}"] == task["samples_s"][v] and len(task["samples_s"][v]) == 2
+        assert task["medians_s"][v] == pytest.approx(statistics.median(task["samples_s"][v]))
+    assert out["ratios"]["static"] == pytest.approx(out["medians"]["static"] / out["medians"]["dynamic"])
+    # The preallocated cache samples the same rows as the growing one, from the same seeds.
+    assert task["different_rows"] == 0 == out["different_rows"]
+    assert "| paint_colour " in printed

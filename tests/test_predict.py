@@ -1,7 +1,8 @@
+import pytest
 import torch
 
-from retain.eval.predict import common_prefix_length, generate_answers, score
-from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
+from retain.eval.predict import batch_cache, common_prefix_length, generate_answers, score
+from retain.model.tiny import build_tiny_llama, build_tiny_model, build_tiny_tokenizer
 
 
 def test_common_prefix_length():
@@ -45,3 +46,24 @@ def test_score_counts_unlabeled_rows():
     result = score(["Yes", "no.", "maybe", "yes"], ["yes", "yes", "-", "Yes!"], labels=["no", "yes"])
     assert (result.correct, result.scored, result.unlabeled) == (2, 3, 1)
     assert result.accuracy == 2 / 3
+
+
+@pytest.mark.parametrize(("arch", "kind"), [("llama", "StaticCache"), ("mistral", "DynamicCache")])
+def test_batches_start_from_a_preallocated_prefix_cache_where_layers_allow(arch, kind):
+    tokenizer = build_tiny_tokenizer(arch)
+    model = build_tiny_model(arch, tokenizer).eval()
+    prefix = torch.tensor([tokenizer("a shared prefix of several words " * 2)["input_ids"]])
+    with torch.no_grad():
+        prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    cache = batch_cache(model, prefix_cache, 3, prefix.size(1) + 9)
+    assert type(cache).__name__ == kind  # mistral's sliding-window layers keep the dynamic cache
+    for layer, original in zip(cache.layers, prefix_cache.layers, strict=True):
+        assert int(layer.get_seq_length()) == prefix.size(1)
+        for row in range(3):
+            assert torch.equal(layer.keys[row, :, : prefix.size(1)], original.keys[0])
+            assert torch.equal(layer.values[row, :, : prefix.size(1)], original.values[0])
+    assert type(batch_cache(model, prefix_cache, 3, 20, static=False)).__name__ == "DynamicCache"
+    prompts = [tokenizer("a shared prefix of several words " * 2 + "x " * i)["input_ids"] for i in range(5)]
+    for static in (True, False):
+        shared = generate_answers(model, tokenizer, prompts, 2, 6, static_prefix=static)
+        assert shared == generate_answers(model, tokenizer, prompts, 2, 6, share_prefix=False)

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "eval": "retain.bench.eval_time",
     "scaling": "retain.bench.scaling",
     "cil": "retain.bench.cil",
+    "write": "retain.bench.writing",
 }
 
 

@@ -11,7 +11,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from retain.data.prompt import PromptBuilder, normalize_answer, pad_batch
 from retain.data.tasks import TaskData
@@ -46,6 +47,33 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -
         configured = [configured]
     ids = [tokenizer.eos_token_id, *configured]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def batch_cache(model: torch.nn.Module, prefix_cache, rows: int, max_cache_len: int, static: bool = True):
+    """A cache for `rows` rows that starts with the shared prefix's keys and values.
+
+    A preallocated `StaticCache` of `max_cache_len` tokens when every layer of the model is a plain
+    full-attention layer: each decode step then writes one position instead of concatenating the whole
+    cache, which on long few-shot prefixes is about a third of a step. Otherwise (sliding windows,
+    other cache types), or with `static` false, a copy of the prefix's `DynamicCache`, repeated per row.
+    """
+    if static and all(type(layer) is DynamicLayer for layer in prefix_cache.layers):
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if len(cache.layers) == len(prefix_cache.layers) and all(
+            type(x) is StaticLayer for x in cache.layers
+        ):
+            for layer, prefix in zip(cache.layers, prefix_cache.layers, strict=True):
+                keys = prefix.keys.expand(rows, -1, -1, -1)
+                values = prefix.values.expand(rows, -1, -1, -1)
+                layer.lazy_initialization(keys, values)
+                length = keys.size(2)
+                layer.keys[:, :, :length] = keys
+                layer.values[:, :, :length] = values
+                layer.cumulative_length.fill_(length)
+            return cache
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 @dataclass(frozen=True)
@@ -99,6 +127,7 @@ def generate_answers(
     share_prefix: bool = True,
     sampling: Sampling | None = None,
     return_finished: bool = False,
+    static_prefix: bool = True,
 ) -> list[str] | tuple[list[str], list[bool]]:
     """Greedy answers for token-id prompts: stop at EOS, longest prompts batched first.
 
@@ -107,7 +136,8 @@ def generate_answers(
     padding, and the rows' own tokens. With several processes, each generates a slice and every
     process gets all answers back. `sampling` samples instead (see `Sampling`); `return_finished`
     also returns, per prompt, whether its answer ended with a stop token (False: cut at
-    `max_new_tokens`).
+    `max_new_tokens`). `static_prefix` false repeats the prefix's dynamic cache instead of copying it
+    into a preallocated one (`batch_cache`; `retain bench write` compares the two).
     """
     state = PartialState()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -145,8 +175,7 @@ def generate_answers(
             rows = len(batch_ids)
             input_ids = torch.cat([prefix.expand(rows, -1), input_ids], dim=1)
             mask = torch.cat([torch.ones(rows, shared, dtype=mask.dtype, device=device), mask], dim=1)
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(rows)
+            cache = batch_cache(model, prefix_cache, rows, input_ids.size(1) + max_new_tokens, static_prefix)
         with _seeded(sampling, number, device):
             output = model.generate(
                 input_ids=input_ids, attention_mask=mask, cache=cache, generation_config=config
