@@ -54,7 +54,7 @@ def batch_cache(model: torch.nn.Module, prefix_cache, rows: int, max_cache_len: 
 
     A preallocated `StaticCache` of `max_cache_len` tokens when every layer of the model is a plain
     full-attention layer: each decode step then writes one position instead of concatenating the whole
-    cache, which on long few-shot prefixes is about a third of a step. Otherwise (sliding windows,
+    cache (0.77x the time on a 694-token few-shot prefix: `retain bench write`). Otherwise (sliding windows,
     other cache types), or with `static` false, a copy of the prefix's `DynamicCache`, repeated per row.
     """
     if static and all(type(layer) is DynamicLayer for layer in prefix_cache.layers):
