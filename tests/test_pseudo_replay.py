@@ -18,6 +18,7 @@ from retain.cl.rehearsal.rows import (
     derived_seed,
     example_to_alpaca,
     few_shot_prompt,
+    few_shot_request,
     keep_well_formed,
     parse_few_shot_completion,
 )
@@ -63,6 +64,21 @@ def test_few_shot_prompt_text():
         FEW_SHOT_HEADER + "Instruction: Task 0.\nInput: item 1\nOutput: yes\n\n"
         "Instruction: Say hi.\nInput: <noinput>\nOutput: hi\n\nInstruction:"
     )
+
+
+def test_few_shot_request_allows_twice_the_longest_shot_block():
+    from retain.model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    short = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    long = {"instruction": "Task 0.", "input": "item one two three four five six", "output": "yes"}
+    prompt, limit = few_shot_request(tokenizer, [short, long])
+    assert prompt == tokenizer(few_shot_prompt([short, long]))["input_ids"]
+    long_block = tokenizer(
+        "Instruction: Task 0.\nInput: item one two three four five six\nOutput: yes\n\n",
+        add_special_tokens=False,
+    )["input_ids"]
+    assert limit == 2 * len(long_block) and few_shot_request(tokenizer, [short])[1] < limit
 
 
 @pytest.mark.parametrize(

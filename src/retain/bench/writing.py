@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from retain.cl.rehearsal.base import TOP_K, TOP_P
-    from retain.cl.rehearsal.rows import BLOCK_END, example_to_alpaca, few_shot_prompt, shot_block
+    from retain.cl.rehearsal.rows import example_to_alpaca, few_shot_request
     from retain.data.tasks import load_tasks
     from retain.hparams.args import DataArguments, ModelArguments
     from retain.model.loader import load_model
@@ -58,9 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for task in data:
         picks = random.Random(f"{args.seed}:{task.name}").sample(range(len(task.train)), args.num_shots)
         shots = [example_to_alpaca(task.train[i]) for i in picks]
-        prompt = tokenizer(few_shot_prompt(shots))["input_ids"]
-        blocks = [tokenizer(shot_block(s) + BLOCK_END, add_special_tokens=False)["input_ids"] for s in shots]
-        new_tokens = 2 * max(map(len, blocks))
+        prompt, new_tokens = few_shot_request(tokenizer, shots)
         for variant in VARIANTS:
             variants[f"{task.name}:{variant}"] = lambda p=prompt, n=new_tokens, v=variant: generate_answers(
                 model,

@@ -27,14 +27,12 @@ from accelerate import PartialState
 from retain.cl.base import Task
 from retain.cl.rehearsal.files import PseudoFiles, load_state, save_state
 from retain.cl.rehearsal.rows import (
-    BLOCK_END,
     PseudoRow,
     alpaca_to_example,
     derived_seed,
     example_to_alpaca,
-    few_shot_prompt,
+    few_shot_request,
     parse_few_shot_completion,
-    shot_block,
 )
 from retain.cl.seq.method import Seq
 from retain.data.prompt import IGNORE_INDEX
@@ -210,23 +208,17 @@ class GenerativeRehearsal(Seq):
     def few_shot_candidates(
         self, model, task: Task, data, count: int, num_shots: int, temperature: float, need_output: bool
     ) -> list[PseudoRow | None]:
-        """`count` new rows the base model writes after a few-shot prompt of the task's rows (None: malformed).
-
-        Each completion may take twice the tokens of the longest shot block, so that a complete block and
-        the blank line that ends it fit."""
+        """`count` new rows the base model writes after a few-shot prompt of the task's rows (None: malformed),
+        each up to twice the tokens of the longest shot block (`few_shot_request`)."""
         shots = self.draw_shots(task, data, num_shots)
         with self.base_model(model) as (base, tokenizer):
-            prompt = tokenizer(few_shot_prompt(shots))["input_ids"]
-            longest = max(
-                len(tokenizer(shot_block(s) + BLOCK_END, add_special_tokens=False)["input_ids"])
-                for s in shots
-            )
+            prompt, max_new_tokens = few_shot_request(tokenizer, shots)
             texts, finished = self.sample(
                 base,
                 tokenizer,
                 prompt,
                 count,
-                2 * longest,
+                max_new_tokens,
                 temperature,
                 derived_seed(self.config.training.seed, self.name, "candidates", task.name),
                 desc=f"{self.name}: write {task.name} rows",

@@ -73,6 +73,16 @@ def few_shot_prompt(shots: Sequence[PseudoRow]) -> str:
     return FEW_SHOT_HEADER + "".join(shot_block(row) + BLOCK_END for row in shots) + "Instruction:"
 
 
+def few_shot_request(tokenizer, shots: Sequence[PseudoRow]) -> tuple[list[int], int]:
+    """The prompt's token ids and the new tokens each completion may take: twice the longest shot block,
+    so that a complete block and the blank line that ends it fit."""
+    prompt = tokenizer(few_shot_prompt(shots))["input_ids"]
+    longest = max(
+        len(tokenizer(shot_block(s) + BLOCK_END, add_special_tokens=False)["input_ids"]) for s in shots
+    )
+    return prompt, 2 * longest
+
+
 def parse_few_shot_completion(text: str, finished: bool, need_output: bool = True) -> PseudoRow | None:
     """The new block the model wrote after the prompt's final `Instruction:`, or None (malformed).
 
