@@ -67,3 +67,26 @@ def test_batches_start_from_a_preallocated_prefix_cache_where_layers_allow(arch,
     for static in (True, False):
         shared = generate_answers(model, tokenizer, prompts, 2, 6, static_prefix=static)
         assert shared == generate_answers(model, tokenizer, prompts, 2, 6, share_prefix=False)
+
+
+def test_generation_with_the_preallocated_cache_never_compiles(monkeypatch):
+    from transformers import CompileConfig
+
+    model, tokenizer = diverse_model()
+    calls = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["generation_config"], kwargs["cache"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompts = [tokenizer("a shared prefix of several words " * 2 + "x " * i)["input_ids"] for i in range(3)]
+    generate_answers(model, tokenizer, prompts, 4, 3)
+    config, cache = calls[0]
+    assert type(cache).__name__ == "StaticCache"
+    config.compile_config = CompileConfig()
+    config.compile_config._compile_all_devices = True  # what a GPU would allow
+    assert not model._valid_auto_compile_criteria({"cache": cache}, config)
+    config.disable_compile = False
+    assert model._valid_auto_compile_criteria({"cache": cache}, config)  # without the flag it would compile

@@ -150,6 +150,7 @@ def generate_answers(
         do_sample=sampling is not None,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
+        disable_compile=True,  # on a GPU a static cache would compile the model again for every batch shape
         **options,
     )
     was_training = model.training
