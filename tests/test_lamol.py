@@ -168,6 +168,41 @@ def test_step_loss_is_qa_plus_gamma_times_gen(tiny_config):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("ratio", "new_rows", "earlier", "expected"),
+    [
+        (0.2, 100, 1, 20),
+        (0.2, 100, 3, 6),  # 20 // 3
+        (0.2, 100, 13, 1),
+        (0.2, 100, 21, 0),  # more earlier tasks than rows: none
+        (0.05, 35, 1, 2),  # ceil(1.75)
+        (0.05, 35, 3, 0),
+        (0.7, 100, 1, 70),  # 0.7 * 100 is 70.00000000000001 in floats: still 70
+    ],
+)
+def test_sample_ratio_splits_the_new_tasks_share_over_the_earlier_tasks(ratio, new_rows, earlier, expected):
+    args = LamolArguments(lamol_sample_ratio=ratio)
+    assert args.lamol_num_samples_per_task is None
+    assert args.rows_per_earlier_task(new_rows, earlier) == expected
+    assert LamolArguments(lamol_num_samples_per_task=7).rows_per_earlier_task(new_rows, earlier) == 7
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"lamol_sample_ratio": 0.2, "lamol_num_samples_per_task": 5}, "lamol_num_samples_per_task"),
+        ({"lamol_sample_ratio": 0.0}, "lamol_sample_ratio"),
+        ({"lamol_sample_ratio": 1.5}, "lamol_sample_ratio"),
+        ({"lamol_sample_ratio": float("nan")}, "lamol_sample_ratio"),
+    ],
+)
+def test_sample_ratio_checks(values, field):
+    base = {"model_name_or_path": "tiny-random-llama", "cl_tasks": "a", "cl_method": "lamol"}
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, **values})
+    assert info.value.field == field
+
+
 # ---- runs ----------------------------------------------------------------------------------------------
 
 
@@ -297,3 +332,23 @@ def test_the_model_learns_to_write_rows_of_its_earlier_task(tiny_config, learnab
     )
     continued.run(train=True, evaluate=False)
     assert json.loads((tmp_path / "continued" / "pseudo" / "task1.json").read_text()) == rows
+
+
+def test_the_sample_ratio_sets_the_rows_written_before_a_task(tiny_config, learnable_dir, tmp_path):
+    values = run_values(tiny_config, learnable_dir, tmp_path, "run", cl_tasks="task0,task1,task2")
+    values["lamol_sample_ratio"] = 0.5
+    session = Session(parse_config(values))
+    session.load()
+    method, (first, second, third) = session.method, session.tasks
+    asked = []
+
+    def sample(model, tokenizer, prompt_ids, count, limit, temperature, seed, desc):
+        asked.append((tokenizer.decode(prompt_ids), count))
+        return [""] * count, [False] * count  # all malformed: nothing to train on
+
+    method.sample = sample
+    rows = len(session.data[2].train)
+    method.learned = {first.name: 8, second.name: 8}
+    method.begin_task(session.model, third, session.data[2])
+    share = -(-rows // 2) // 2  # ceil(rows / 2), split over two earlier tasks
+    assert share > 0 and asked == [("__gen_task0__", share), ("__gen_task1__", share)]

@@ -8,7 +8,7 @@ The loss of a step is `L_qa + lamol_gamma * L_gen`, both token means over the st
 (`retain.cl.loss.LossScale`; the generation tokens of the step are counted in `begin_step`).
 
 Before task t (`begin_task`, every process), the model as it stands after task t-1 samples
-`lamol_num_samples_per_task` completions of each earlier task's marker at
+`lamol_num_samples_per_task` (or `lamol_sample_ratio`'s share) completions of each earlier task's marker at
 `lamol_generation_temperature`; a completion that ends by itself (EOS) and reads `q __ans__ a` with
 both parts non-empty becomes a pseudo-row, malformed and repeated ones are dropped and counted. The
 pseudo-rows train with task t on both losses (each with its own task's marker), are written to
@@ -182,8 +182,10 @@ class LAMOL(GenerativeRehearsal):
         """Write rows of every earlier task with the model as it is now (after the previous task)."""
         self.current = []
         earlier = {name: limit for name, limit in self.learned.items() if name != task.name}
-        count = self.args.lamol_num_samples_per_task
-        if not earlier or count == 0:
+        if not earlier:
+            return
+        count = self.args.rows_per_earlier_task(len(data.train), len(earlier))
+        if count == 0:
             return
         seed = self.config.training.seed
 
@@ -207,7 +209,7 @@ class LAMOL(GenerativeRehearsal):
                 rows += [{**row, "task": name} for row in kept]
             return rows, counts
 
-        fingerprint = self.fingerprint(model, task.name, earlier=earlier)
+        fingerprint = self.fingerprint(model, task.name, earlier=earlier, count=count)
         self.current = self.reuse_or_generate(task.name, fingerprint, generate)
 
     def end_task(self, model, task: Task, data) -> None:
