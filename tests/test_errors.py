@@ -192,6 +192,9 @@ def test_output_dir_that_cannot_be_written(case, capsys, tmp_path, monkeypatch):
         ({"num_train_epochs": 0}, ["'num_train_epochs'", "no task would be trained"]),
         ({"num_train_epochs": -1}, ["'num_train_epochs'", "no task would be trained"]),
         ({"max_steps": 0}, ["'max_steps'", "positive number of optimizer steps"]),
+        ({"learning_rate": float("nan")}, ["'learning_rate'", "must be a finite number, got nan"]),
+        ({"max_grad_norm": float("inf")}, ["'max_grad_norm'", "must be a finite number, got inf"]),
+        ({"weight_decay": "-inf"}, ["'weight_decay'", "must be a finite number, got '-inf'"]),
         ({"lora_rnk": 4, "lerning_rate": 1}, ["2 keys are not accepted", "did you mean 'lora_rank'"]),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any
@@ -42,6 +43,10 @@ class Mismatch(Exception):
     pass
 
 
+class NonFinite(Mismatch):
+    """A number that is NaN or infinite: no config value takes one."""
+
+
 def describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -70,12 +75,15 @@ def coerce(value: Any, tp: Any) -> Any:
             raise Mismatch
         # Exact-type members first, so `int | str` keeps 3 as 3.
         ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+        non_finite = False
         for arg in ordered:
             try:
                 return coerce(value, arg)
+            except NonFinite:
+                non_finite = True
             except Mismatch:
                 continue
-        raise Mismatch
+        raise NonFinite if non_finite else Mismatch
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
@@ -120,6 +128,8 @@ def coerce(value: Any, tp: Any) -> Any:
 def coerce_field(value: Any, tp: Any, key: str, source: str) -> Any:
     try:
         return coerce(value, tp)
+    except NonFinite:
+        raise ConfigError(f"must be a finite number, got {value!r}", source=source, field=key) from None
     except Mismatch:
         raise ConfigError(f"expected {describe(tp)}, got {value!r}", source=source, field=key) from None
 
@@ -133,6 +143,8 @@ def _number(value: Any, tp: type) -> int | float:
             raise Mismatch from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Mismatch
+    if isinstance(value, float) and not math.isfinite(value):
+        raise NonFinite
     if tp is int:
         if isinstance(value, float) and not value.is_integer():
             raise Mismatch
