@@ -160,6 +160,16 @@ def test_easycl_methods_retain_lacks_are_named():
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps", "at least 1"),
         ({"stage": "dpo"}, "stage", "only 'sft'"),
         ({"warmup_ratio": 0.1, "warmup_steps": 5}, "warmup_ratio", "not both"),
+        ({"warmup_ratio": 2}, "warmup_ratio", r"must be in \[0, 1\), got 2.0"),
+        ({"warmup_ratio": 1}, "warmup_ratio", r"must be in \[0, 1\), got 1.0"),
+        ({"seed": -1}, "seed", r"must be in \[0, 2\*\*32 - 1\], got -1"),
+        ({"data_seed": 2**32}, "data_seed", r"must be in \[0, 2\*\*32 - 1\]"),
+        (
+            {"lr_scheduler_type": "cosinus"},
+            "lr_scheduler_type",
+            "expected 'linear' or 'cosine' or .*got 'cosinus'",
+        ),
+        ({"optim": "adam"}, "optim", "expected 'adamw_torch' or .*got 'adam'"),
         ({"dataset": "x,y"}, "dataset", "differ"),
     ],
 )

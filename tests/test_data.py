@@ -120,7 +120,7 @@ def test_json_lines_in_a_json_file(tmp_path):
     assert [e.messages[0]["content"] for e in examples] == ["i\n0", "i\n1", "i\n2"]
 
 
-def test_the_shipped_lnt_copy_loads_with_no_benchmark_dir():
+def test_the_shipped_lnt_copy_loads_with_no_benchmark_dir(tmp_path):
     from retain.data.builtin import shipped_benchmark
 
     folder = shipped_benchmark("LNT")
@@ -136,6 +136,9 @@ def test_the_shipped_lnt_copy_loads_with_no_benchmark_dir():
         load_tasks(DataArguments(benchmark="LNT", benchmark_order=order, max_samples=1, eval_max_samples=1))
     with pytest.raises(DataError, match="no order 'nope'"):
         load_tasks(DataArguments(benchmark="LNT", benchmark_order="nope"))
+    with pytest.raises(DataError, match=r"no benchmark 'NOPE' ships with retain \(shipped: LNT\)") as info:
+        load_tasks(DataArguments(benchmark="NOPE", benchmark_order="o1", dataset_dir=str(tmp_path)))
+    assert info.value.field == "benchmark"
     dev = load_tasks(DataArguments(benchmark="LNT", benchmark_order="short1", eval_split="dev"))
     for task in dev:  # dev rows are cut from the train file: never trained on
         train = {(e.messages[0]["content"], e.answer) for e in by_name[task.name].train}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retain.data.builtin import resolve_dataset_dir, shipped_benchmark
+from retain.data.builtin import resolve_dataset_dir, shipped_benchmark, shipped_benchmarks
 from retain.data.prompt import IGNORE_INDEX, PromptBuilder, normalize_answer
 from retain.data.registry import Example, benchmark_tasks, is_bio_tag, load_dataset_info, load_examples
 from retain.errors import DataError
@@ -51,7 +51,16 @@ def benchmark_folder(data: DataArguments) -> Path:
     if data.benchmark_dir:
         return resolve_dataset_dir(data.benchmark_dir)
     shipped = shipped_benchmark(data.benchmark or "")
-    return shipped if shipped is not None else resolve_dataset_dir(data.dataset_dir)
+    if shipped is not None:
+        return shipped
+    folder = resolve_dataset_dir(data.dataset_dir)
+    if not (folder / "benchmark_info.json").is_file():
+        raise DataError(
+            f"no benchmark '{data.benchmark}' ships with retain (shipped: {', '.join(shipped_benchmarks())}), "
+            f"and {folder / 'benchmark_info.json'} does not exist: set benchmark_dir to a folder that holds one",
+            field="benchmark",
+        )
+    return folder
 
 
 def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArguments) -> TaskData:

@@ -47,17 +47,27 @@ class NonFinite(Mismatch):
     """A number that is NaN or infinite: no config value takes one."""
 
 
+def _is_enum(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, enum.Enum)
+
+
+def _enum_with_str(member: Any, union_args: tuple) -> bool:
+    """Whether `member` is the `str` of a union that also holds an enum (the enum's values are the strings)."""
+    return member is str and any(_is_enum(a) for a in union_args)
+
+
 def describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        return " or ".join(describe(a) for a in args if not _enum_with_str(a, args))
     if tp is type(None):
         return "null"
     if origin is list:
         return f"a list of {describe(typing.get_args(tp)[0])}"
     if origin is typing.Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+    if _is_enum(tp):
         return " or ".join(repr(m.value) for m in tp)
     return getattr(tp, "__name__", str(tp))
 
@@ -73,8 +83,11 @@ def coerce(value: Any, tp: Any) -> Any:
             if type(None) in args:
                 return None
             raise Mismatch
-        # Exact-type members first, so `int | str` keeps 3 as 3.
-        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+        # Exact-type members first, so `int | str` keeps 3 as 3. An enum beside str (transformers'
+        # `optim: OptimizerNames | str`) takes only the enum's values.
+        ordered = sorted(
+            (a for a in args if a is not type(None) and not _enum_with_str(a, args)), key=lambda a: a is str
+        )
         non_finite = False
         for arg in ordered:
             try:
@@ -117,7 +130,7 @@ def coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, dict):
             return value
         raise Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+    if _is_enum(tp):
         try:
             return tp(value)
         except ValueError:

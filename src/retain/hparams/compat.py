@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from retain.errors import ConfigError
+from retain.hparams.coerce import coerce_field
 
 #: Keys accepted and not used, each with the note a run prints when it is set.
 NOT_APPLIED: dict[str, str] = {
@@ -118,6 +119,13 @@ def translate(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list
         if values.get("warmup_steps") not in (None, 0):
             raise ConfigError(
                 "give warmup_ratio or warmup_steps, not both", source=source, field="warmup_ratio"
+            )
+        ratio = coerce_field(ratio, float, "warmup_ratio", source)
+        if not 0 <= ratio < 1:  # 1 or more would be read as a number of steps
+            raise ConfigError(
+                f"is a share of each task's steps: must be in [0, 1), got {ratio}",
+                source=source,
+                field="warmup_ratio",
             )
         values["warmup_steps"] = ratio  # transformers reads a float in [0, 1) as a share of the steps
     for key, note in NOT_APPLIED.items():

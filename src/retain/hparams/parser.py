@@ -306,6 +306,9 @@ def _check_trains_something(kwargs: dict[str, Any], source: str) -> None:
             source=source,
             field="num_train_epochs",
         )
+    for key in ("seed", "data_seed"):
+        if kwargs.get(key) is not None and not 0 <= kwargs[key] < 2**32:
+            raise ConfigError(f"must be in [0, 2**32 - 1], got {kwargs[key]}", source=source, field=key)
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         if key in kwargs and kwargs[key] < 1:
             raise ConfigError(f"must be at least 1, got {kwargs[key]}", source=source, field=key)
