@@ -112,6 +112,21 @@ def test_bad_specs_are_one_line_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"grid": {"variant": ["nope"]}, "variants": {}}))
     assert main(["study", str(path), "--list"]) == 2
     assert "'grid.variant': no variants named nope" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"grid": {"seed": [1]}}))
+    assert main(["study", str(path), "--lanes", "0"]) == 2
+    assert "--lanes must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "benchmarks" / "studies").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_cell_of_every_shipped_study_is_a_valid_config(path):
+    from retain.cl.registry import parse_config
+
+    study = load_study(path)
+    assert study.cells
+    for cell in study.cells:
+        parse_config(cell.values)
 
 
 @pytest.mark.parametrize("name", ["short1", "short2"])

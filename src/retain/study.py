@@ -254,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
         for out in report(study):
             print(f"comparison: {out / 'comparison.md'}")
         return 0
-    lanes = args.lanes or 1
+    lanes = 1 if args.lanes is None else args.lanes
     if lanes < 1:
         raise ConfigError("--lanes must be at least 1", source="command line")
     return run_lanes(study, lanes, args.spec)
