@@ -249,3 +249,26 @@ def test_the_wheel_carries_the_benchmark_and_stays_small(tmp_path):
     shipped = [n for n in names if n.startswith("retain/data/benchmarks/LNT/")]
     assert "retain/data/benchmarks/LNT/dataset_info.json" in shipped
     assert len([n for n in shipped if n.endswith(".json.gz")]) == 14 * 3
+
+
+@pytest.mark.parametrize(
+    ("label_list", "message"),
+    [
+        ([], "'label_list' must be a non-empty list of strings"),
+        (["yes", 3], "'label_list' must be a non-empty list of strings"),
+        (["maybe", "perhaps"], "no test row of task 'task0' has its answer among 'label_list'"),
+    ],
+)
+def test_a_label_list_that_scores_nothing_is_a_data_error(tmp_path, label_list, message):
+    from .conftest import small_tasks, write_task_family
+
+    root = write_task_family(tmp_path, small_tasks(1))
+    info = json.loads((root / "dataset_info.json").read_text())
+    info["task0"]["label_list"] = label_list
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=message) as error:
+        load_tasks(DataArguments(cl_tasks=["task0"], dataset_dir=str(root)))
+    assert error.value.field == "task0" and error.value.source.endswith("dataset_info.json")
+    info["task0"]["label_list"] = ["YES", "no"]  # labels match after normalisation
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    assert load_tasks(DataArguments(cl_tasks=["task0"], dataset_dir=str(root)))[0].labels == ["no", "yes"]

@@ -80,9 +80,9 @@ def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArgu
     spec = info[name]
     labels = spec.get("label_list")
     if labels is not None:
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
             raise DataError(
-                "'label_list' must be a list of strings",
+                "'label_list' must be a non-empty list of strings",
                 source=str(dataset_dir / "dataset_info.json"),
                 field=name,
             )
@@ -97,12 +97,19 @@ def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArgu
         )
     if labels is None:
         return TaskData(name=name, train=train, test=test, labels=None, spec=spec)
+    normalised = {normalize_answer(x) for x in labels}
+    if test and not any(normalize_answer(e.answer) in normalised for e in test):
+        raise DataError(
+            f"no {data.eval_split} row of task '{name}' has its answer among 'label_list', so none could be scored",
+            source=str(dataset_dir / "dataset_info.json"),
+            field=name,
+        )
     texts = list({normalize_answer(x): x for x in labels}.values())  # as written, one per normalised label
     return TaskData(
         name=name,
         train=train,
         test=test,
-        labels=sorted({normalize_answer(x) for x in labels}),
+        labels=sorted(normalised),
         spec=spec,
         label_texts=texts,
     )
