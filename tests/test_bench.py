@@ -205,3 +205,9 @@ def test_write(tmp_path, capsys):
     # The preallocated cache samples the same rows as the growing one, from the same seeds.
     assert task["different_rows"] == 0 == out["different_rows"]
     assert "| paint_colour " in printed
+
+
+def test_an_unknown_method_is_one_line_before_any_model_loads(capsys):
+    assert main(["bench", "step-time", *COMMON, "--methods", "seq,ewc,nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--methods: unknown method 'nope'; available: agem, ewc" in err[0], err

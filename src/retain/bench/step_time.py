@@ -191,7 +191,13 @@ class MethodStep:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = common.setup(args)
+    from retain.cl.registry import method_specs
+
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = {*method_specs(), *ILORA}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method '{unknown[0]}'; available: {', '.join(sorted(known))}")
     if "seq" not in names:
         names.insert(0, "seq")
     tasks = common.task_names(args)
