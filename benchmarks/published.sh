@@ -37,11 +37,11 @@ for name in "${which[@]}"; do
         --json "$OUT/eval_smollm2_short1.json" ;;
     scaling)    # about 25 min: seq and ilora x (2 + 4 + 8 tasks), 1 repeat after a T=2 warm-up
       "$RETAIN" bench scaling --model smollm2-135m-instruct --lengths 2 4 8 \
-        --methods seq,ilora --rows 32 --test-rows 8 --eval-scope all --repeats 1 --warmup 1 --threads 1 \
+        --methods seq,ilora --rows 32 --test-rows 8 --cutoff-len 128 --eval-scope all --repeats 1 --warmup 1 --threads 1 \
         --json "$OUT/scaling_smollm2.json" ;;
     scaling-full)  # about 3 hours: all 4 methods, 3 repeats
       "$RETAIN" bench scaling --model smollm2-135m-instruct --lengths 2 4 8 \
-        --methods seq,replay,ilora,peft --rows 32 --test-rows 8 --eval-scope all --repeats 3 --warmup 1 \
+        --methods seq,replay,ilora,peft --rows 32 --test-rows 8 --cutoff-len 128 --eval-scope all --repeats 3 --warmup 1 \
         --json "$OUT/scaling_smollm2_full.json" ;;
     cil)        # about 15 min: MiniLM, peft with Linear heads and NewLoRA, LNT order1's first 8 tasks
       "$RETAIN" bench cil --model all-minilm-l6-v2 --data lnt ${LNT:+--benchmark-dir "$LNT"} --order order1 \

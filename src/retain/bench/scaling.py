@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-rows", type=int, default=8, help="test rows per task (default 8)")
     parser.add_argument("--batch-size", type=int, default=8, help="train batch size (default 8)")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="eval batch size (default 16)")
-    parser.add_argument("--cutoff-len", type=int, default=128, help="tokens per row at most (default 128)")
+    common.add_cutoff(parser)
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
     parser.add_argument("--replay-mix-ratio", type=float, default=1.0, help="replay's ratio (default 1.0)")
     parser.add_argument(
@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         names = common.write_generated_tasks(
             root / "data", max(lengths), args.rows, args.test_rows, seed=args.seed
         )
+        if args.cutoff_len is None:
+            data = {"dataset_dir": str(root / "data"), "cl_tasks": ",".join(names)}
+            args.cutoff_len = common.fitting_cutoff({"model_name_or_path": args.model, **data})
 
         def one_run(method: str, count: int, label: str) -> dict[str, Any]:
             values = {
