@@ -84,6 +84,23 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"tasks": ["a"]}, "not a metrics file written by retain: no 'matrix' list"),
+        ({"matrix": [[0.5]]}, "not a metrics file written by retain: no 'tasks' list"),
+        ([1, 2], "not a metrics file written by retain: expected a JSON object"),
+    ],
+)
+def test_a_json_file_that_is_not_a_run_s_metrics_is_one_line(tmp_path, capsys, document, message):
+    run = tmp_path / "other"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(document))
+    assert main(["compare", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"retain: error: {run / 'metrics.json'}: {message}"]
+
+
 def test_a_tiny_negative_mean_prints_as_zero(tmp_path):
     run = write_run(tmp_path / "m_s1", [[0, 0], [1, 0], [1, 1]], 1, bwt=-1e-17)
     text = comparison_markdown(compare(parse_run_args([str(run)])))

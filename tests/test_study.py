@@ -91,6 +91,14 @@ def test_cells_run_once_resume_and_report(spec, tmp_path, capsys):
         main(["study", str(spec), "--cell", "9", "--debug"])
 
 
+def test_a_report_before_any_cell_finished_says_so(spec, capsys):
+    assert main(["study", str(spec), "--report"]) == 0
+    assert (
+        capsys.readouterr().out.strip()
+        == "no cell of the study has finished yet (4 cells): nothing to report"
+    )
+
+
 def test_lanes_run_every_unfinished_cell_in_processes(spec, tmp_path, capsys):
     study = load_study(spec)
     first = study.cells[0]

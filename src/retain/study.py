@@ -226,6 +226,8 @@ def report(study: Study) -> list[Path]:
             name = str(cell.point.get("variant", cell.label.rsplit("_s", 1)[0]))
             runs = groups.setdefault(str(out), {})
             runs.setdefault(name, []).append((str(copy.parent), load_metrics(copy.parent)))
+    if not groups:
+        print(f"no cell of the study has finished yet ({len(study.cells)} cells): nothing to report")
     for out, runs in groups.items():
         print(write_comparison(out, compare(runs)))
     return [Path(out) for out in groups]

@@ -53,9 +53,15 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RetainError("no metrics.json: run `retain run` or `retain eval` first", source=str(path))
     try:
-        return json.loads(path.read_text())
+        metrics = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RetainError(f"malformed JSON: {exc.msg}", source=str(path)) from None
+    if not isinstance(metrics, dict):
+        raise RetainError("not a metrics file written by retain: expected a JSON object", source=str(path))
+    for key in ("tasks", "matrix"):
+        if not isinstance(metrics.get(key), list):
+            raise RetainError(f"not a metrics file written by retain: no '{key}' list", source=str(path))
+    return metrics
 
 
 #: How each `eval_mode` scores, for the report.
