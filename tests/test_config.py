@@ -94,6 +94,21 @@ def test_malformed_and_missing_yaml(tmp_path):
         load_config(write(tmp_path, "- a\n- b\n"))
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_wins(tmp_path):
+    from retain.hparams.parser import read_yaml
+
+    twice = "model_name_or_path: x\nlora_rank: 4\ncl_tasks: a\nlora_rank: 8\n"
+    with pytest.raises(
+        ConfigError, match=r"line 4, column 1: the key 'lora_rank' is given twice \(first on line 2\)"
+    ):
+        load_config(write(tmp_path, twice))
+    with pytest.raises(ConfigError, match="the key 'x' is given twice"):
+        read_yaml(write(tmp_path, "a: {x: 1, x: 2}\n"))
+    # A merged mapping's keys may still be overridden.
+    merged = read_yaml(write(tmp_path, "base: &b {lora_rank: 4, seed: 1}\nrun:\n  <<: *b\n  lora_rank: 8\n"))
+    assert merged["run"] == {"lora_rank": 8, "seed": 1}
+
+
 def test_tasks_are_required_and_exclusive():
     with pytest.raises(ConfigError, match="no tasks"):
         parse_config({"model_name_or_path": "x"})
