@@ -190,7 +190,6 @@ class MethodStep:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = common.setup(args)
     from retain.cl.registry import method_specs
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -198,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ConfigError(f"--methods: unknown method '{unknown[0]}'; available: {', '.join(sorted(known))}")
+    device = common.setup(args)
     if "seq" not in names:
         names.insert(0, "seq")
     tasks = common.task_names(args)

@@ -108,16 +108,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                if key in lines:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"the key {key!r} is given twice (first on line {lines[key] + 1})",
-                        key_node.start_mark,
-                    )
-                lines[key] = key_node.start_mark.line
+                first = lines.get(key)
             except TypeError:  # an unhashable key: the base class reports it
                 continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice (first on line {first + 1})",
+                    key_node.start_mark,
+                )
+            lines[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
 
