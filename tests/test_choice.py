@@ -163,3 +163,21 @@ def test_choice_keeps_the_sliding_window(arch):
         unwindowed = [[reference_log_likelihood(model, p, c) for c in choices] for p in prompts]
     assert torch.tensor(got) == pytest.approx(torch.tensor(want), abs=1e-4)
     assert torch.tensor(got) != pytest.approx(torch.tensor(unwindowed), abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_evaluation_passes_the_kv_cache_by_its_current_name(arch):
+    """transformers 5.24 renamed a forward's `past_key_values` to `cache` (the old name goes in 5.40):
+    choice and generation with a shared prefix use the new name, so no deprecation warning is raised."""
+    import warnings
+
+    from retain.eval.predict import generate_answers
+
+    tokenizer = build_tiny_tokenizer(arch)
+    model = build_tiny_model(arch, tokenizer)
+    prompts = [tokenizer("Shared instruction text for every row: " + x)["input_ids"] for x in ("a", "bb b")]
+    choices = [tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("yes", "no")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        choice_log_likelihoods(model, prompts, choices, tokenizer.pad_token_id, batch_size=2)
+        generate_answers(model, tokenizer, prompts, batch_size=2, max_new_tokens=3)

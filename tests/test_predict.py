@@ -54,7 +54,7 @@ def test_batches_start_from_a_preallocated_prefix_cache_where_layers_allow(arch,
     model = build_tiny_model(arch, tokenizer).eval()
     prefix = torch.tensor([tokenizer("a shared prefix of several words " * 2)["input_ids"]])
     with torch.no_grad():
-        prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+        prefix_cache = model(input_ids=prefix, use_cache=True).cache
     cache = batch_cache(model, prefix_cache, 3, prefix.size(1) + 9)
     assert type(cache).__name__ == kind  # mistral's sliding-window layers keep the dynamic cache
     for layer, original in zip(cache.layers, prefix_cache.layers, strict=True):

@@ -195,7 +195,7 @@ def choice_log_likelihoods(
     if shared:
         prefix = torch.tensor([prompts[0][:shared]], device=device)
         # A plain cache keeps every prefix token (a sliding-window layer's own cache would drop some).
-        prefix_cache = model(input_ids=prefix, past_key_values=DynamicCache(), use_cache=True).past_key_values
+        prefix_cache = model(input_ids=prefix, cache=DynamicCache(), use_cache=True).cache
         prefix_layers = [(layer.keys, layer.values) for layer in prefix_cache.layers]
     packed = torch.tensor(layout.tokens, dtype=torch.long, device=device)
     depth = torch.tensor(layout.depth, dtype=torch.long, device=device)
@@ -225,7 +225,7 @@ def choice_log_likelihoods(
                 input_ids=torch.cat([ids, packed.expand(rows, -1)], dim=1),
                 attention_mask=model_masks(model, allowed, positions, shared),
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=cache is not None,
                 logits_to_keep=len(layout.tokens) + 1,
             )

@@ -160,7 +160,7 @@ def generate_answers(
     if shared < MIN_SHARED_PREFIX:
         shared = 0
     prefix = torch.tensor([prompts[0][:shared]], device=device) if shared else None
-    prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values if shared else None
+    prefix_cache = model(input_ids=prefix, use_cache=True).cache if shared else None
     mine: list[tuple[int, str, bool]] = []
     batches = _batches(state, order, batch_size, whole=sampling is not None)
     for number, batch_ids in tqdm(batches, desc=desc, leave=False, disable=not state.is_local_main_process):
