@@ -272,3 +272,21 @@ def test_a_label_list_that_scores_nothing_is_a_data_error(tmp_path, label_list, 
     info["task0"]["label_list"] = ["YES", "no"]  # labels match after normalisation
     (root / "dataset_info.json").write_text(json.dumps(info))
     assert load_tasks(DataArguments(cl_tasks=["task0"], dataset_dir=str(root)))[0].labels == ["no", "yes"]
+
+
+def test_train_rows_with_an_empty_answer_are_counted_in_a_warning(tmp_path, caplog):
+    from retain.data.tasks import encode_task
+
+    from .conftest import write_task_family
+
+    pairs = [("a", "yes"), ("b", ""), ("c", "  "), ("d", "no"), ("e", "yes"), ("f", "no")]
+    root = write_task_family(tmp_path, {"task0": ("Answer yes or no.", pairs)}, test_rows=2)
+    (task,) = load_tasks(DataArguments(cl_tasks=["task0"], dataset_dir=str(root)))
+    with caplog.at_level("WARNING", logger="retain.data.tasks"):
+        encode_task(task, PromptBuilder(build_tiny_tokenizer()), cutoff_len=256)
+    assert "task task0: 2 of 4 train rows have an empty answer" in caplog.text
+    assert len(task.train_rows) == 4  # kept: the end-of-text token is still a label
+    caplog.clear()
+    task.train = [e for e in task.train if e.answer.strip()]
+    encode_task(task, PromptBuilder(build_tiny_tokenizer()), cutoff_len=256)
+    assert "empty answer" not in caplog.text

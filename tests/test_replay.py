@@ -141,3 +141,10 @@ def test_replay_config_checks():
         parse_config({**base, "replay_task_list": "a,b", "maxsamples_list": "3"})
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         parse_config({**base, "replay_ratio": 1.5})
+    # One listed task: a bare number is its one count, as the string '3' is; a boolean is not a count.
+    listed = {**base, "replay_task_list": "a"}
+    assert parse_config({**listed, "maxsamples_list": 3}).method_args.maxsamples_list == [3]
+    assert parse_config({**listed, "maxsamples_list": "3"}).method_args.maxsamples_list == [3]
+    with pytest.raises(ConfigError, match="expected a list of int or null, got True") as err:
+        parse_config({**listed, "maxsamples_list": True})
+    assert err.value.field == "maxsamples_list"

@@ -171,6 +171,14 @@ def encode_task(task: TaskData, builder: PromptBuilder, cutoff_len: int) -> None
             f"every answer of task '{task.name}' is truncated away by cutoff_len={cutoff_len}; raise cutoff_len",
             field="cutoff_len",
         )
+    empty = sum(1 for example in task.train if not example.answer.strip())
+    if empty:
+        logger.warning(
+            "task %s: %d of %d train rows have an empty answer (they teach the model to stop at once)",
+            task.name,
+            empty,
+            len(task.train),
+        )
     if truncated:
         logger.warning(
             "task %s: %d of %d train rows cut to cutoff_len=%d (%d dropped: no answer left)",

@@ -123,6 +123,8 @@ def coerce(value: Any, tp: Any) -> Any:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]  # `maxsamples_list: 100` reads as `maxsamples_list: '100'` does
         if not isinstance(value, list | tuple):
             raise Mismatch
         return [coerce(item, item_tp) for item in value]
