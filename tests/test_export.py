@@ -1,5 +1,6 @@
 """`retain export`: adapter folders that PEFT loads, and merged models whose answers are the run's."""
 
+import contextlib
 import json
 
 import pytest
@@ -26,7 +27,7 @@ def seq_run(tmp_path_factory):
     data = write_task_family(root / "data", constant_tasks(2))
     values = {
         "model_name_or_path": "tiny-random-llama",
-        "dataset_dir": str(data),
+        "dataset_dir": "data",
         "cl_tasks": "task0,task1",
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-2,
@@ -34,9 +35,11 @@ def seq_run(tmp_path_factory):
         "lora_rank": 4,
         "seed": 0,
         "disable_tqdm": True,
-        "output_dir": str(root / "run"),
+        "output_dir": "run",
     }
-    metrics = retain.run(values)
+    # Run in `root` with paths relative to it, as users write them; the tests export from elsewhere.
+    with contextlib.chdir(root):
+        metrics = retain.run(values)
     assert max(v for row in metrics["matrix"] for v in row) > 0, "the run must learn something"
     return root / "run", data
 
@@ -59,7 +62,8 @@ def test_adapter_folder_loads_with_peft_and_answers_as_the_run(seq_run, tmp_path
     run_dir, data = seq_run
     assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
     folder = tmp_path / "adapter"
-    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    files = {p.name for p in folder.iterdir()}
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "retain_export.json"}
     saved = load_file(str(run_dir / "task_2" / "adapter" / "adapter_model.safetensors"))
     exported = load_file(str(folder / "adapter_model.safetensors"))
     assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
@@ -88,6 +92,31 @@ def test_export_errors_are_one_line(seq_run, tmp_path, capsys):
     assert "task 5 is not trained in this run (trained: [1, 2])" in capsys.readouterr().err
     with pytest.raises(RetainError, match="not a run folder"):
         export_run(tmp_path, tmp_path / "y")
+
+
+def test_out_replaces_only_an_earlier_export(seq_run, tmp_path, capsys):
+    run_dir, _ = seq_run
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "a.txt").write_text("mine")
+    for out, message in [
+        ("notes.txt", "is an existing file; an export is a folder"),
+        ("work", "holds files and is not an earlier export (no retain_export.json)"),
+    ]:
+        assert main(["export", str(run_dir), "--out", str(tmp_path / out)]) == 2
+        assert f"'--out': {tmp_path / out} {message}" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == (tmp_path / "work" / "a.txt").read_text() == "mine"
+    assert main(["export", str(run_dir), "--out", str(run_dir)]) == 2  # the run folder itself
+    assert (run_dir / "state.json").is_file()
+    blocked = tmp_path / "notes.txt" / "out"  # its parent is a file: nothing can be written there
+    assert main(["export", str(run_dir), "--out", str(blocked)]) == 2
+    assert f"'--out': cannot write to {blocked}" in capsys.readouterr().err
+    # An earlier export is replaced, and its record says what it holds.
+    out = tmp_path / "adapter"
+    export_run(run_dir, out, after=2)
+    export_run(run_dir, out, after=1)
+    record = json.loads((out / "retain_export.json").read_text())
+    assert record == {"run_dir": str(run_dir.resolve()), "after": 1, "task": "task0", "merge": False}
 
 
 def test_ilora_exports_the_adapter_that_answers(tiny_config, tmp_path):

@@ -379,6 +379,10 @@ def test_a_continuation_process_trains_exactly_as_one_process(tiny_config, tmp_p
     for key in first:
         dim = 0 if ".lora_A." in key else 1
         assert torch.equal(exported[key], torch.cat([first[key], second[key]], dim=dim)), key
+    # The continued run's own folder exports the same stack (its task states are in the folder above).
+    export_run(split / "from_task2", tmp_path / "exported_split")
+    split_export = load_file(str(tmp_path / "exported_split" / "adapter_model.safetensors"))
+    assert all(torch.equal(split_export[k], exported[k]) for k in exported)
 
 
 def test_loading_a_task_without_inflora_state_names_the_file(tiny_config, tmp_path):
