@@ -131,3 +131,32 @@ def test_extra_matrices_are_summarised_when_every_run_has_them(tmp_path):
     text = comparison_markdown(summary)
     assert "`choice_accuracy` (an extra matrix" in text and "`mode_agreement`" not in text
     assert "| seq | 72.5 ± 3.5 | 78.8 ± 5.3 | -10.0 ± 14.1 |" in text
+
+
+def test_a_run_given_twice_or_an_empty_label_is_an_error(tmp_path, capsys, monkeypatch):
+    run = write_run(tmp_path / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
+    monkeypatch.chdir(tmp_path)
+    for args, message in [
+        (["seq_s1", "./seq_s1"], "the run ./seq_s1 is given twice (first as 'seq_s1')"),
+        (["a=seq_s1", f"b={run}"], f"the run {run} is given twice (first as 'a=seq_s1')"),
+        (["=seq_s1"], "'=seq_s1': the label before '=' is empty"),
+    ]:
+        assert main(["compare", *args]) == 2
+        assert capsys.readouterr().err.strip() == f"retain: error: 'RUN_DIR': {message}"
+    (tmp_path / "taken").write_text("mine")
+    assert main(["compare", "seq_s1", "--out", "taken"]) == 2
+    assert "'--out': taken is an existing file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_two_runs_of_one_seed_in_a_group_get_a_note(tmp_path, caplog):
+    one = write_run(tmp_path / "a" / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
+    copy = write_run(tmp_path / "b" / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
+    other = write_run(tmp_path / "seq_s2", [[0, 0], [1, 0], [1, 1]], 2, last=1.0)
+    with caplog.at_level("WARNING", logger="retain.eval.compare"):
+        summary = compare(parse_run_args([str(one), str(copy), str(other)]))
+    assert summary["seq"]["seeds"] == [1, 1, 2]
+    assert "group 'seq' has seed 1 in more than one run" in caplog.text
+    caplog.clear()
+    compare(parse_run_args([str(one), str(other)]))
+    assert "more than one run" not in caplog.text

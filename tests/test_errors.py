@@ -175,13 +175,13 @@ def test_output_dir_that_is_a_file(case, capsys, tmp_path):
 def test_output_dir_that_cannot_be_written(case, capsys, tmp_path, monkeypatch):
     import errno
 
-    import retain.training.sequence as sequence
+    import retain.io
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
     # Root ignores file modes, so the read-only file system is injected where the run probes it.
-    monkeypatch.setattr(sequence.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(retain.io.tempfile, "TemporaryFile", read_only)
     case(capsys, ["'output_dir'", "cannot write to", "Read-only file system"])
 
 

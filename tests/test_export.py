@@ -110,7 +110,7 @@ def test_out_replaces_only_an_earlier_export(seq_run, tmp_path, capsys):
     assert (run_dir / "state.json").is_file()
     blocked = tmp_path / "notes.txt" / "out"  # its parent is a file: nothing can be written there
     assert main(["export", str(run_dir), "--out", str(blocked)]) == 2
-    assert f"'--out': cannot write to {blocked}" in capsys.readouterr().err
+    assert f"'--out': {tmp_path / 'notes.txt'} is an existing file, not a folder" in capsys.readouterr().err
     # An earlier export is replaced, and its record says what it holds.
     out = tmp_path / "adapter"
     export_run(run_dir, out, after=2)

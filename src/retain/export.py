@@ -13,14 +13,13 @@ import argparse
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from retain.cl.registry import parse_config
 from retain.errors import RetainError
 from retain.hparams.parser import read_yaml
-from retain.io import atomic_dir, atomic_write_json
+from retain.io import atomic_dir, atomic_write_json, make_writable_dir
 
 CONFIG_FILE = "config.yaml"
 #: Written into every export: what it holds (run, task, merged or not); it also marks a folder that a
@@ -121,12 +120,7 @@ def check_out(out: Path) -> None:
             "an export replaces the whole folder: choose a new one",
             field="--out",
         )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as exc:
-        raise RetainError(f"cannot write to {out}: {exc.strerror or exc}", field="--out") from None
+    make_writable_dir(out.parent, "--out")  # the export is built beside `out`, then renamed into place
 
 
 def main(args: argparse.Namespace) -> int:

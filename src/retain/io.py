@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from retain.errors import RetainError
+
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
     """retain's cache folder (converted models, built-in data, cached base rows): `override`, else
@@ -22,6 +24,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def make_writable_dir(path: Path, field: str, error: type[RetainError] = RetainError) -> None:
+    """Create folder `path` (with its parents) and check that a file can be written in it; else one
+    line naming `field` (an existing file in its place, a read-only file system, no permission)."""
+    if path.exists() and not path.is_dir():
+        raise error(f"{path} is an existing file, not a folder", field=field)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise error(f"cannot write to {path}: {exc.strerror or exc}", field=field) from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

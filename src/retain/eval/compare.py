@@ -9,6 +9,7 @@ metric that any run of the group lacks is reported as missing, never averaged ov
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 from retain.errors import RetainError
 from retain.eval.metrics import all_metrics
 from retain.eval.report import load_metrics
-from retain.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from retain.io import atomic_write_bytes, atomic_write_json, atomic_write_text, make_writable_dir
 
 METRIC_KEYS = ("last", "avg", "bwt", "fwt", "forgetting")
+logger = logging.getLogger(__name__)
 _SEED_SUFFIX = re.compile(r"_(?:seed|s)\d+$")
 
 
@@ -62,9 +64,17 @@ def compare(groups: dict[str, list[tuple[str, dict[str, Any]]]]) -> dict[str, An
                 raise RetainError(
                     f"group '{label}' mixes task sequences: {metrics['tasks']} vs {tasks}", source=run_dir
                 )
+        seeds = [metrics.get("seed") for _, metrics in runs]
+        repeated = sorted({str(seed) for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            logger.warning(
+                "note: group '%s' has seed %s in more than one run: its spread is not over seeds alone",
+                label,
+                ", ".join(repeated),
+            )
         entry: dict[str, Any] = {
             "runs": [run_dir for run_dir, _ in runs],
-            "seeds": [metrics.get("seed") for _, metrics in runs],
+            "seeds": seeds,
             "method": sorted({str(metrics.get("method")) for _, metrics in runs}),
             "tasks": tasks,
         }
@@ -229,10 +239,17 @@ def task_curves_png(summary: dict[str, Any]) -> bytes:
 def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """`RUN_DIR` or `LABEL=RUN_DIR` items, grouped by label in order of first appearance."""
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    given: dict[Path, str] = {}
     for item in items:
         label, sep, path = item.partition("=")
         if not sep or Path(item).exists():
             label, path = run_label(item), item
+        if not label:
+            raise RetainError(f"'{item}': the label before '=' is empty", field="RUN_DIR")
+        folder = Path(path).resolve()
+        if folder in given:  # counted twice, it would shrink the spread over seeds
+            raise RetainError(f"the run {path} is given twice (first as '{given[folder]}')", field="RUN_DIR")
+        given[folder] = item
         groups.setdefault(label, []).append((path, load_metrics(path)))
     return groups
 
@@ -243,7 +260,7 @@ def write_comparison(out_dir: str | Path, summary: dict[str, Any]) -> str:
     Returns the Markdown table.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_writable_dir(out, "--out")
     text = comparison_markdown(summary)
     atomic_write_json(out / "comparison.json", summary)
     atomic_write_text(out / "comparison.md", "# Comparison\n\n" + text)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from retain.eval.metrics import micro_metrics
 from retain.eval.predict import EvalContext
 from retain.eval.report import LOG_DIR, build_metrics, write_loss_curve, write_results
 from retain.hparams.parser import RunConfig
-from retain.io import atomic_dir, atomic_write_json, atomic_write_text
+from retain.io import atomic_dir, atomic_write_json, atomic_write_text, make_writable_dir
 from retain.model.loader import load_model
 from retain.training.state import STATE_FILE, RunState, load_or_create
 from retain.training.trainer import CLTrainer, last_complete_checkpoint
@@ -48,18 +47,6 @@ TENSORBOARD_DIR = "tensorboard"
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))
-
-
-def check_output_dir(path: Path) -> None:
-    """An output_dir that exists as a file, or cannot be created or written, is a user error."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} is an existing file, not a folder", field="output_dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {path}: {exc.strerror or exc}", field="output_dir") from None
 
 
 def shards_parameters(training: Any) -> bool:
@@ -108,7 +95,7 @@ class Session:
         _ = config.training.device  # sets up the process group the way the Trainer will use it
         self.state_ = PartialState()
         self.output_dir = Path(config.training.output_dir)
-        check_output_dir(self.output_dir)
+        make_writable_dir(self.output_dir, "output_dir", ConfigError)
         if config.model.device_map and self.state_.num_processes > 1:
             raise ConfigError(
                 "places the model in one process; with several, the launcher places it", field="device_map"
