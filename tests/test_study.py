@@ -123,6 +123,9 @@ def test_bad_specs_are_one_line_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"grid": {"seed": [1]}}))
     assert main(["study", str(path), "--lanes", "0"]) == 2
     assert "--lanes must be at least 1" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"grid": {"seed": [1, 2, 1]}}))  # cells 0 and 2 would resume each other
+    assert main(["study", str(path), "--list"]) == 2
+    assert "'grid': cells 0 (seed=1) and 2 (seed=1) would share the folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,26 @@ def load_study(path: str | Path) -> Study:
         values["output_dir"] = str(output_dir)
         copy = study.report_dir.joinpath(*others, label, "metrics.json")
         study.cells.append(Cell(index, point, values, output_dir, label=label, report_copy=copy))
+    _check_folders_differ(study.cells, source)
     return study
+
+
+def _check_folders_differ(cells: list[Cell], source: str) -> None:
+    """Two cells in one folder would resume each other's run: a grid that lists a value twice."""
+    first: dict[Path, Cell] = {}
+    for cell in cells:
+        other = first.setdefault(cell.output_dir, cell)
+        if other is not cell:
+            raise ConfigError(
+                f"cells {other.index} ({_point_text(other.point)}) and {cell.index} ({_point_text(cell.point)}) "
+                f"would share the folder {cell.output_dir}: a grid list repeats a value",
+                source=source,
+                field="grid",
+            )
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in point.items())
 
 
 def _status(cell: Cell) -> str:
@@ -158,8 +177,7 @@ def list_cells(study: Study) -> str:
     lines = []
     for cell in study.cells:
         parse_config(cell.values, source=f"{study.path} cell {cell.index}")  # every cell's config is valid
-        point = " ".join(f"{k}={v}" for k, v in cell.point.items())
-        lines.append(f"{cell.index:3d}  {_status(cell):8s} {cell.output_dir}  ({point})")
+        lines.append(f"{cell.index:3d}  {_status(cell):8s} {cell.output_dir}  ({_point_text(cell.point)})")
     return "\n".join(lines)
 
 
