@@ -112,6 +112,43 @@ def test_missing_test_split_and_bad_rows(tmp_path):
         load_examples(tmp_path, info, "t")
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    rows = [{"instruction": "i", "output": "o"}]
+    (tmp_path / "t.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(rows).encode())
+    (tmp_path / "dataset_info.json").write_bytes(b"\xef\xbb\xbf" + b'{"t": {"file_name": "t.json"}}')
+    (example,) = load_examples(tmp_path, load_dataset_info(tmp_path), "t")
+    assert example.answer == "o" and example.messages[0]["content"] == "i"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"columns": ["prompt"]}, "'t': 'columns' must map each key to a name (a string, or null)"),
+        ({"columns": {"prompt": 3}}, "'t': 'columns' must map each key to a name"),
+        ({"columns": {"promt": "q"}}, "'t': unknown 'columns' key 'promt' (known: prompt, query, response, "),
+        (
+            {"formatting": "sharegpt", "tags": {"role": "from"}},
+            "unknown 'tags' key 'role' (known: role_tag, ",
+        ),
+        ({"formatting": "sharegpt", "tags": "from"}, "'t': 'tags' must map each key to a name"),
+    ],
+)
+def test_columns_and_tags_that_cannot_be_read_are_data_errors(tmp_path, entry, message):
+    rows = [{"instruction": "i", "output": "o"}]
+    info = registry(tmp_path, {"t": {"file_name": "t.json", **entry}}, {"t.json": rows})
+    with pytest.raises(DataError) as error:
+        load_examples(tmp_path, info, "t")
+    assert message in str(error.value) and str(error.value).startswith(str(tmp_path / "dataset_info.json"))
+
+
+def test_llamafactory_column_keys_for_other_data_are_accepted_and_not_read(tmp_path):
+    rows = [{"q": "i", "a": "o", "imgs": []}]
+    columns = {"prompt": "q", "response": "a", "images": "imgs", "query": None}
+    info = registry(tmp_path, {"t": {"file_name": "t.json", "columns": columns}}, {"t.json": rows})
+    (example,) = load_examples(tmp_path, info, "t")
+    assert example.answer == "o" and example.messages[0]["content"] == "i"
+
+
 def test_json_lines_in_a_json_file(tmp_path):
     rows = [{"instruction": "i", "input": str(n), "output": "o"} for n in range(3)]
     (tmp_path / "t.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")

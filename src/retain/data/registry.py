@@ -28,6 +28,19 @@ SHAREGPT_TAGS = {
     "assistant_tag": "gpt",
     "system_tag": "system",
 }
+#: LLaMA-Factory's registry keys for multimodal, tool and preference data: accepted and not read (the
+#: rows' text is read as usual).
+UNREAD_REGISTRY_KEYS = {
+    "images",
+    "videos",
+    "audios",
+    "tools",
+    "chosen",
+    "rejected",
+    "kto_tag",
+    "observation_tag",
+    "function_tag",
+}
 
 
 @dataclass
@@ -48,7 +61,7 @@ def read_text(path: Path, what: str) -> str:
         data = path.read_bytes()
         if path.suffix == ".gz":
             data = gzip.decompress(data)
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (as some editors write) is dropped
     except (OSError, EOFError) as exc:  # a broken gzip stream
         raise DataError(f"not a readable gzip file ({exc})", source=str(path)) from None
     except UnicodeDecodeError as exc:
@@ -189,9 +202,11 @@ def _alpaca(records: list[dict[str, Any]], columns: dict[str, Any], path: Path) 
     return examples
 
 
-def _sharegpt(records: list[dict[str, Any]], spec: dict[str, Any], path: Path) -> list[Example]:
-    cols = {**SHAREGPT_COLUMNS, **spec.get("columns", {})}
-    tags = {**SHAREGPT_TAGS, **spec.get("tags", {})}
+def _sharegpt(
+    records: list[dict[str, Any]], columns: dict[str, Any], tag_names: dict[str, Any], path: Path
+) -> list[Example]:
+    cols = {**SHAREGPT_COLUMNS, **columns}
+    tags = {**SHAREGPT_TAGS, **tag_names}
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
     examples = []
     for index, record in enumerate(records):
@@ -275,16 +290,36 @@ def load_examples(dataset_dir: str | Path, info: dict[str, Any], name: str) -> l
     dataset_dir = Path(dataset_dir)
     spec = entry(info, name, dataset_dir)
     path = resolve_file(dataset_dir, name, spec)
+    registry = str(dataset_dir / "dataset_info.json")
     formatting = spec.get("formatting", "alpaca")
+    defaults = {"alpaca": ALPACA_COLUMNS, "sharegpt": SHAREGPT_COLUMNS, "tagging": TAGGING_COLUMNS}
+    if formatting not in defaults:
+        raise DataError(
+            f"unknown formatting '{formatting}' (expected alpaca, sharegpt or tagging)",
+            source=registry,
+            field=name,
+        )
+    columns = _names(spec, "columns", defaults[formatting], registry, name)
     records = read_records(path)
     if formatting == "alpaca":
-        return _alpaca(records, spec.get("columns", {}), path)
+        return _alpaca(records, columns, path)
     if formatting == "sharegpt":
-        return _sharegpt(records, spec, path)
-    if formatting == "tagging":
-        return _tagging(records, spec.get("columns", {}), path)
-    raise DataError(
-        f"unknown formatting '{formatting}' (expected alpaca, sharegpt or tagging)",
-        source=str(dataset_dir / "dataset_info.json"),
-        field=name,
-    )
+        return _sharegpt(records, columns, _names(spec, "tags", SHAREGPT_TAGS, registry, name), path)
+    return _tagging(records, columns, path)
+
+
+def _names(spec: dict[str, Any], key: str, known: dict[str, Any], registry: str, name: str) -> dict[str, Any]:
+    """An entry's `columns` or `tags`: a mapping from the keys in `known` to names (null: no such column)."""
+    names = spec.get(key) or {}
+    if not isinstance(names, dict) or not all(v is None or isinstance(v, str) for v in names.values()):
+        raise DataError(
+            f"'{key}' must map each key to a name (a string, or null)", source=registry, field=name
+        )
+    unknown = sorted(set(names) - set(known) - UNREAD_REGISTRY_KEYS)
+    if unknown:
+        raise DataError(
+            f"unknown '{key}' key {', '.join(map(repr, unknown))} (known: {', '.join(known)})",
+            source=registry,
+            field=name,
+        )
+    return {k: v for k, v in names.items() if k in known}
