@@ -26,8 +26,9 @@ from retain.cl.registry import parse_config
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.errors import ConfigError, ModelError
 from retain.model.adapters import adapter_parameters
-from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
 from retain.training.sequence import Session
+from tests import step_helpers
+from tests.step_helpers import label_count, random_rows
 
 # ---- helpers -------------------------------------------------------------------------------------------
 
@@ -45,26 +46,9 @@ def perturb(model, seed, scale=0.1, name="default"):
 
 
 def bare_method(tiny_config, **overrides):
-    """An EWC instance wrapping the tiny model, without a session (for step-level checks)."""
+    """A EWC instance wrapping the tiny model, without a session (for step-level checks)."""
     values = {"cl_method": "ewc", "cl_tasks": "task0", "lora_dropout": 0.0, **overrides}
-    method = EWC(parse_config(tiny_config(**values)))
-    tokenizer = build_tiny_tokenizer()
-    model = method.prepare_model(build_tiny_llama(tokenizer), tokenizer)
-    return method, model, tokenizer
-
-
-def random_rows(count, seed, vocab=200, prompt=(3, 9), answer=(1, 5)):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        p, a = rng.randint(*prompt), rng.randint(*answer)
-        ids = [rng.randrange(vocab) for _ in range(p + a)]
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
-    return rows
-
-
-def label_count(batch):
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return step_helpers.bare_method(EWC, tiny_config(**values))
 
 
 def saved_state(path):

@@ -28,8 +28,9 @@ from retain.cl.projection.memory import (
 from retain.cl.registry import parse_config
 from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.model.adapters import adapter_parameters
-from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
 from retain.training.sequence import Session
+from tests import step_helpers
+from tests.step_helpers import random_rows
 
 
 def t(*values):
@@ -175,11 +176,9 @@ def test_reference_draws_are_seeded_by_step_and_come_from_the_right_memories():
 
 
 def bare_method(tiny_config, **overrides):
+    """A GEM instance wrapping the tiny model, without a session (for step-level checks)."""
     values = {"cl_method": "gem", "cl_tasks": "task0", "lora_dropout": 0.0, **overrides}
-    method = GEM(parse_config(tiny_config(**values)))
-    tokenizer = build_tiny_tokenizer()
-    model = method.prepare_model(build_tiny_llama(tokenizer), tokenizer)
-    return method, model, tokenizer
+    return step_helpers.bare_method(GEM, tiny_config(**values))
 
 
 @torch.no_grad()
@@ -187,16 +186,6 @@ def perturb(model, seed, scale=0.1):
     gen = torch.Generator().manual_seed(seed)
     for param in adapter_parameters(model, "default").values():
         param.add_(scale * torch.randn(param.shape, generator=gen))
-
-
-def random_rows(count, seed, vocab=200, prompt=(3, 9), answer=(1, 5)):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        p, a = rng.randint(*prompt), rng.randint(*answer)
-        ids = [rng.randrange(vocab) for _ in range(p + a)]
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
-    return rows
 
 
 def step_args(**overrides):
