@@ -57,6 +57,12 @@ def test_cells_run_once_resume_and_report(spec, tmp_path, capsys):
     assert main(["study", str(spec), "--list"]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert len(listing) == 4 and all("to do" in line for line in listing)
+    started = tmp_path / "runs" / "seq_s2" / "state.json"  # as a cell killed after its first task leaves it
+    started.parent.mkdir(parents=True)
+    started.write_text(json.dumps({"tasks": ["task0", "task1"], "trained": {"1": "task_1"}}))
+    assert main(["study", str(spec), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"  1  started 1/2   {started.parent}  (")
+    started.unlink()
     for index in range(4):
         assert main(["study", str(spec), "--cell", str(index)]) == 0
     assert main(["study", str(spec), "--cell", "0"]) == 0  # finished: skipped

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -166,9 +167,17 @@ def _point_text(point: dict[str, Any]) -> str:
 
 
 def _status(cell: Cell) -> str:
+    """done, to do, or started with its progress (`started 7/14`: tasks trained of the sequence)."""
     if cell.finished():
         return "done"
-    return "started" if (cell.output_dir / "state.json").is_file() else "to do"
+    state = cell.output_dir / "state.json"
+    if not state.is_file():
+        return "to do"
+    try:
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        return f"started {len(saved['trained'])}/{len(saved['tasks'])}"
+    except (OSError, ValueError, KeyError, TypeError):  # being written, or not a run's state
+        return "started"
 
 
 def list_cells(study: Study) -> str:
@@ -177,7 +186,7 @@ def list_cells(study: Study) -> str:
     lines = []
     for cell in study.cells:
         parse_config(cell.values, source=f"{study.path} cell {cell.index}")  # every cell's config is valid
-        lines.append(f"{cell.index:3d}  {_status(cell):8s} {cell.output_dir}  ({_point_text(cell.point)})")
+        lines.append(f"{cell.index:3d}  {_status(cell):13s} {cell.output_dir}  ({_point_text(cell.point)})")
     return "\n".join(lines)
 
 
