@@ -185,6 +185,22 @@ def test_output_dir_that_cannot_be_written(case, capsys, tmp_path, monkeypatch):
     case(capsys, ["'output_dir'", "cannot write to", "Read-only file system"])
 
 
+def test_an_output_dir_another_process_is_writing_is_refused(case, capsys, tmp_path):
+    import fcntl
+    import os
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)  # as a retain process running there holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        case(capsys, ["'output_dir'", f"{folder} is in use by another retain process"])
+    finally:
+        os.close(fd)  # the lock goes with the holder: the same config now runs
+    assert main(["run", str(tmp_path / "case.yaml")]) == 0
+    assert (folder / "metrics.json").is_file()
+
+
 @pytest.mark.parametrize(
     ("values", "fragments"),
     [

@@ -39,6 +39,34 @@ def make_writable_dir(path: Path, field: str, error: type[RetainError] = RetainE
         raise error(f"cannot write to {path}: {exc.strerror or exc}", field=field) from None
 
 
+@contextlib.contextmanager
+def exclusive_use(folder: Path, field: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while the block runs: a second retain process that would write
+    the same run is refused at once instead of mixing its files with the first's. The lock is on the
+    folder itself (no lock file to leave behind), and the system drops it when the process ends, even
+    by SIGKILL. Where folders cannot be locked (no fcntl, some network file systems), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RetainError(
+                f"{folder} is in use by another retain process (a run writing there): "
+                "wait for it to end, or choose another output_dir",
+                field=field,
+            ) from None
+        except OSError:
+            pass  # this file system does not lock folders
+        yield
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from retain.eval.metrics import micro_metrics
 from retain.eval.predict import EvalContext
 from retain.eval.report import LOG_DIR, build_metrics, write_loss_curve, write_results
 from retain.hparams.parser import RunConfig
-from retain.io import atomic_dir, atomic_write_json, atomic_write_text, make_writable_dir
+from retain.io import atomic_dir, atomic_write_json, atomic_write_text, exclusive_use, make_writable_dir
 from retain.model.loader import load_model
 from retain.training.state import STATE_FILE, RunState, load_or_create
 from retain.training.trainer import CLTrainer, last_complete_checkpoint
@@ -317,6 +317,12 @@ class Session:
         )
 
     def run(self, *, train: bool = True, evaluate: bool = True) -> dict[str, Any] | None:
+        if not self.state_.is_main_process:  # the main process holds the folder for every rank
+            return self._run(train, evaluate)
+        with exclusive_use(self.output_dir, "output_dir"):
+            return self._run(train, evaluate)
+
+    def _run(self, train: bool, evaluate: bool) -> dict[str, Any] | None:
         self._clock = time.time()
         self.load()
         if self.state_.is_main_process:  # after the checks of data and model: a bad input is one error line
