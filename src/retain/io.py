@@ -47,7 +47,9 @@ def exclusive_use(folder: Path, field: str) -> Iterator[None]:
     by SIGKILL. Where folders cannot be locked (no fcntl, some network file systems), nothing is held."""
     try:
         import fcntl
-    except ImportError:
+    except ImportError:  # not a POSIX system
+        fcntl = None
+    if fcntl is None:
         yield
         return
     fd = os.open(folder, os.O_RDONLY)
