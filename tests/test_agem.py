@@ -21,9 +21,9 @@ from retain.errors import ConfigError, ModelError
 from retain.model.adapters import adapter_parameters
 from retain.model.tiny import build_tiny_llama, build_tiny_tokenizer
 from retain.training.sequence import Session
+from tests.run_helpers import log_entries
 from tests.test_projection import (
     hand_gradient,
-    log_entries,
     perturb,
     random_rows,
     run_values,

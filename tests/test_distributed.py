@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.distributed_helpers import TORCHRUN, launch, losses
+from tests.distributed_helpers import TORCHRUN, launch, launch_one_and_two, losses, same_on_both_ranks
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="needs torchrun")
 
@@ -125,18 +125,8 @@ def test_two_processes_match_one(method, tiny_config, learnable_dir, data_dir, t
         **EXACT_METHODS[method],
     )
     base = {k: v for k, v in base.items() if v is not None}
-    runs = {}
-    for processes, batch in ((1, 4), (2, 2)):  # the same global batch of 4 rows
-        out = tmp_path / f"p{processes}"
-        config = tmp_path / f"p{processes}.yaml"
-        config.write_text(
-            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
-        )
-        result = launch(config, processes)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = (out, result)
-
-    (one, _), (two, result) = runs[1], runs[2]
+    runs = launch_one_and_two(base, tmp_path)
+    (one, _, _), (two, _, result) = runs[1], runs[2]
     # The main process alone writes results and prints them.
     assert result.stdout.count("accuracy matrix (%)") == 1
     assert not list(two.rglob(".*.tmp"))
@@ -175,20 +165,7 @@ def test_ilora_two_processes_match_one(tiny_config, learnable_dir, tmp_path):
         ilora_buffer_size=8,
         max_new_tokens=4,
     )
-    script = tmp_path / "rank_probe.py"
-    script.write_text(RANK_PROBE)
-    runs = {}
-    for processes, batch in ((1, 4), (2, 2)):  # the same global batch of 4 rows
-        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
-        dumps.mkdir()
-        config = tmp_path / f"p{processes}.yaml"
-        config.write_text(
-            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
-        )
-        result = launch(config, processes, script, str(dumps))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = (out, dumps, result)
-
+    runs = launch_one_and_two(base, tmp_path, RANK_PROBE)
     (one, _, _), (two, dumps, result) = runs[1], runs[2]
     # Outputs are written once, by the main process: rank 1 writes nothing through retain.io.
     assert result.stdout.count("accuracy matrix (%)") == 1
@@ -201,10 +178,7 @@ def test_ilora_two_processes_match_one(tiny_config, learnable_dir, tmp_path):
     assert all(v is not None for row in metrics["matrix"][1:] for v in row)
     # The EMA adapters are identical on both ranks after every task.
     for task_id in (1, 2):
-        rank0 = load_file(str(dumps / f"ema_task{task_id}_rank0.safetensors"))
-        rank1 = load_file(str(dumps / f"ema_task{task_id}_rank1.safetensors"))
-        assert rank0.keys() == rank1.keys() and rank0
-        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        rank0 = same_on_both_ranks(dumps, f"ema_task{task_id}")
     # What rank 0 holds is what the task directory saves.
     saved = load_file(str(two / "ilora_task2" / "ema" / "adapter_model.safetensors"))
     assert saved.keys() == rank0.keys()
@@ -259,26 +233,10 @@ def test_ewc_two_processes_match_one_and_hold_the_same_fisher(tiny_config, learn
         ewc_num_samples=8,
         max_new_tokens=4,
     )
-    script = tmp_path / "ewc_probe.py"
-    script.write_text(EWC_PROBE)
-    runs = {}
-    for processes, batch in ((1, 4), (2, 2)):
-        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
-        dumps.mkdir()
-        config = tmp_path / f"p{processes}.yaml"
-        config.write_text(
-            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
-        )
-        result = launch(config, processes, script, str(dumps))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = (out, dumps)
-
-    (one, dumps_one), (two, dumps) = runs[1], runs[2]
+    runs = launch_one_and_two(base, tmp_path, EWC_PROBE)
+    (one, dumps_one, _), (two, dumps, _) = runs[1], runs[2]
     for task_id in (1, 2):
-        rank0 = load_file(str(dumps / f"ewc_task{task_id}_rank0.safetensors"))
-        rank1 = load_file(str(dumps / f"ewc_task{task_id}_rank1.safetensors"))
-        assert rank0.keys() == rank1.keys() and rank0
-        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        rank0 = same_on_both_ranks(dumps, f"ewc_task{task_id}")
         saved = load_file(str(two / f"task_{task_id}" / "ewc_state.safetensors"))
         assert saved.keys() == rank0.keys() and all(torch.equal(saved[k], rank0[k]) for k in rank0)
         single = load_file(str(dumps_one / f"ewc_task{task_id}_rank0.safetensors"))
@@ -342,26 +300,10 @@ def test_projection_two_processes_match_one_and_stay_identical(method, tiny_conf
         num_train_epochs=2,
         max_new_tokens=4,
     )
-    script = tmp_path / "projection_probe.py"
-    script.write_text(PROJECTION_PROBE)
-    runs = {}
-    for processes, batch in ((1, 4), (2, 2)):
-        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
-        dumps.mkdir()
-        config = tmp_path / f"p{processes}.yaml"
-        config.write_text(
-            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
-        )
-        result = launch(config, processes, script, str(dumps))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = (out, dumps)
-
-    (one, dumps_one), (two, dumps) = runs[1], runs[2]
+    runs = launch_one_and_two(base, tmp_path, PROJECTION_PROBE)
+    (one, dumps_one, _), (two, dumps, _) = runs[1], runs[2]
     for task_id in (1, 2):
-        rank0 = load_file(str(dumps / f"adapter_task{task_id}_rank0.safetensors"))
-        rank1 = load_file(str(dumps / f"adapter_task{task_id}_rank1.safetensors"))
-        assert rank0.keys() == rank1.keys() and rank0
-        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' adapters must not drift apart"
+        same_on_both_ranks(dumps, f"adapter_task{task_id}")
         memories = [(dumps / f"memory_task{task_id}_rank{r}.safetensors").read_bytes() for r in (0, 1)]
         single = (dumps_one / f"memory_task{task_id}_rank0.safetensors").read_bytes()
         assert memories[0] == memories[1] == single
@@ -431,21 +373,8 @@ def test_lamol_processes_write_the_same_rows(tiny_config, learnable_dir, tmp_pat
         max_new_tokens=4,
         eval_base=False,
     )
-    script = tmp_path / "lamol_probe.py"
-    script.write_text(LAMOL_PROBE)
-    runs = {}
-    for processes, batch in ((1, 4), (2, 2)):
-        out, dumps = tmp_path / f"p{processes}", tmp_path / f"dumps{processes}"
-        dumps.mkdir()
-        config = tmp_path / f"p{processes}.yaml"
-        config.write_text(
-            yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
-        )
-        result = launch(config, processes, script, str(dumps))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = (out, dumps)
-
-    (one, dumps_one), (two, dumps) = runs[1], runs[2]
+    runs = launch_one_and_two(base, tmp_path, LAMOL_PROBE)
+    (one, dumps_one, _), (two, dumps, _) = runs[1], runs[2]
     single = json.loads((dumps_one / "rows_task2_rank0.json").read_text())
     assert single and all(row["task"] == "task0" for row in single), "the check needs written rows"
     for rank in (0, 1):
@@ -506,10 +435,7 @@ def test_inflora_ranks_hold_the_same_subspaces_and_loras(tiny_config, learnable_
     result = launch(config, 2, script, str(dumps))
     assert result.returncode == 0, result.stderr[-3000:]
     for task_id in (1, 2):
-        rank0 = load_file(str(dumps / f"inflora_task{task_id}_rank0.safetensors"))
-        rank1 = load_file(str(dumps / f"inflora_task{task_id}_rank1.safetensors"))
-        assert rank0.keys() == rank1.keys() and rank0
-        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        rank0 = same_on_both_ranks(dumps, f"inflora_task{task_id}")
         assert any(v.shape[1] > 0 for k, v in rank0.items() if k.startswith("basis/"))
         saved = load_file(str(tmp_path / "p2" / f"task_{task_id}" / "inflora_state.safetensors"))
         assert all(torch.equal(saved[k], rank0[k]) for k in saved) and len(saved) == len(rank0) // 2

@@ -1,9 +1,9 @@
 """EWC: the penalty and the Fisher against hand computations, the step under accumulation, and runs."""
 
-import json
 import logging
 import random
 import shutil
+from functools import partial
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ from retain.errors import ConfigError, ModelError
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
 from tests import step_helpers
+from tests.run_helpers import log_entries, two_task_values
 from tests.step_helpers import label_count, random_rows
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -56,11 +57,6 @@ def saved_state(path):
     fisher = {k[len(FISHER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(FISHER_PREFIX)}
     anchor = {k[len(ANCHOR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ANCHOR_PREFIX)}
     return fisher, anchor
-
-
-def log_entries(run_dir, task_id):
-    history = json.loads((run_dir / "logs" / f"train_task_{task_id}.json").read_text())
-    return [entry for entry in history if "loss" in entry]
 
 
 # ---- pure math -----------------------------------------------------------------------------------------
@@ -271,19 +267,7 @@ def test_gradient_accumulation_gives_the_same_step(tiny_config, tmp_path):
 # ---- runs ----------------------------------------------------------------------------------------------
 
 
-def run_values(tiny_config, learnable_dir, tmp_path, name, **overrides):
-    values = tiny_config(
-        dataset_dir=str(learnable_dir),
-        cl_tasks="task0,task1",
-        learning_rate=1e-2,
-        num_train_epochs=2,
-        max_new_tokens=4,
-        lora_dropout=0.1,
-        logging_steps=1,
-        output_dir=str(tmp_path / name),
-    )
-    values.update(overrides)
-    return values
+run_values = partial(two_task_values, lora_dropout=0.1)
 
 
 def weighted_drift(run_dir):

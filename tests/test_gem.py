@@ -16,7 +16,8 @@ from retain.cl.registry import parse_config
 from retain.errors import ConfigError, ModelError
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
-from tests.test_projection import log_entries, run_values, train_loss_after
+from tests.run_helpers import log_entries
+from tests.test_projection import run_values, train_loss_after
 
 # ---- the QP by hand ------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ a run where the tiny model learns to write rows of its earlier task, reuse on re
 switches that must give seq exactly."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from retain.data.prompt import IGNORE_INDEX
 from retain.errors import ConfigError
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
+from tests.run_helpers import two_task_values
 from tests.test_pseudo_replay import record_training_rows
 
 # ---- the generation format, by hand --------------------------------------------------------------------
@@ -206,19 +208,7 @@ def test_sample_ratio_checks(values, field):
 # ---- runs ----------------------------------------------------------------------------------------------
 
 
-def run_values(tiny_config, learnable_dir, tmp_path, name, **overrides):
-    values = tiny_config(
-        dataset_dir=str(learnable_dir),
-        cl_tasks="task0,task1",
-        output_dir=str(tmp_path / name),
-        learning_rate=1e-2,
-        num_train_epochs=2,
-        max_new_tokens=4,
-        logging_steps=1,
-        cl_method="lamol",
-    )
-    values.update(overrides)
-    return values
+run_values = partial(two_task_values, cl_method="lamol")
 
 
 def test_switched_off_is_exactly_seq(tiny_config, learnable_dir, tmp_path):

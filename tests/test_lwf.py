@@ -1,7 +1,7 @@
 """LwF: the KL term against hand computations, the teacher pass, the step under accumulation, and runs."""
 
-import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ from retain.errors import ConfigError
 from retain.model.adapters import adapter_parameters, use_adapter
 from retain.training.sequence import Session
 from tests import step_helpers
+from tests.run_helpers import log_entries, two_task_values
 from tests.step_helpers import label_count, random_rows
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -42,11 +43,6 @@ def bare_method(tiny_config, **overrides):
     """A LwF instance wrapping the tiny model, without a session (for step-level checks)."""
     values = {"cl_method": "lwf", "cl_tasks": "task0", "lora_dropout": 0.0, **overrides}
     return step_helpers.bare_method(LwF, tiny_config(**values))
-
-
-def log_entries(run_dir, task_id):
-    history = json.loads((run_dir / "logs" / f"train_task_{task_id}.json").read_text())
-    return [entry for entry in history if "loss" in entry]
 
 
 # ---- pure math -----------------------------------------------------------------------------------------
@@ -205,19 +201,7 @@ class TeacherCheck(TrainerCallback):
         self.checks += 1
 
 
-def run_values(tiny_config, learnable_dir, tmp_path, name, **overrides):
-    values = tiny_config(
-        dataset_dir=str(learnable_dir),
-        cl_tasks="task0,task1",
-        learning_rate=1e-2,
-        num_train_epochs=2,
-        max_new_tokens=4,
-        lora_dropout=0.1,
-        logging_steps=1,
-        output_dir=str(tmp_path / name),
-    )
-    values.update(overrides)
-    return values
+run_values = partial(two_task_values, lora_dropout=0.1)
 
 
 @torch.no_grad()

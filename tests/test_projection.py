@@ -4,6 +4,7 @@ the seeded draws, the reference gradients on the tiny model, and the projected s
 import itertools
 import json
 import random
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +31,7 @@ from retain.data.prompt import IGNORE_INDEX, pad_batch
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
 from tests import step_helpers
+from tests.run_helpers import two_task_values
 from tests.step_helpers import random_rows
 
 
@@ -345,24 +347,7 @@ def test_gradient_accumulation_gives_the_same_projected_step(tiny_config, tmp_pa
 # ---- runs ----------------------------------------------------------------------------------------------
 
 
-def run_values(tiny_config, learnable_dir, tmp_path, name, **overrides):
-    values = tiny_config(
-        dataset_dir=str(learnable_dir),
-        cl_tasks="task0,task1",
-        learning_rate=1e-2,
-        num_train_epochs=2,
-        max_new_tokens=4,
-        lora_dropout=0.1,
-        logging_steps=1,
-        output_dir=str(tmp_path / name),
-    )
-    values.update(overrides)
-    return values
-
-
-def log_entries(run_dir, task_id):
-    history = json.loads((run_dir / "logs" / f"train_task_{task_id}.json").read_text())
-    return [entry for entry in history if "loss" in entry]
+run_values = partial(two_task_values, lora_dropout=0.1)
 
 
 def train_loss_after(session, trained_id, task_index):

@@ -2,6 +2,7 @@
 latest model, selection) on the tiny model, and `pseudo_sample_memory: 0` against seq."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from retain.cl.ssr.selection import cluster_select, round_robin_nearest
 from retain.errors import ConfigError
 from retain.model.adapters import adapter_parameters
 from retain.training.sequence import Session
+from tests.run_helpers import two_task_values
 from tests.test_pseudo_replay import record_training_rows
 
 # ---- selection, by hand --------------------------------------------------------------------------------
@@ -101,21 +103,9 @@ def stub_inputs(method):
     return calls
 
 
-def run_values(tiny_config, learnable_dir, tmp_path, name, **overrides):
-    values = tiny_config(
-        dataset_dir=str(learnable_dir),
-        cl_tasks="task0,task1",
-        output_dir=str(tmp_path / name),
-        learning_rate=1e-2,
-        num_train_epochs=2,
-        max_new_tokens=4,
-        cl_method="ssr",
-        pseudo_sample_memory=4,
-        n_clusters=3,
-        ssr_num_candidates=12,
-    )
-    values.update(overrides)
-    return values
+run_values = partial(
+    two_task_values, cl_method="ssr", pseudo_sample_memory=4, n_clusters=3, ssr_num_candidates=12
+)
 
 
 def test_written_inputs_are_answered_by_the_latest_model_and_selected(tiny_config, learnable_dir, tmp_path):
