@@ -1,7 +1,5 @@
 """N-LoRA: the L1 penalty on B_t A_t by hand (value and gradient), its keys, and a full run."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,6 +9,7 @@ from retain.cl.stacked.method import ADAPTERS_DIR
 from retain.cl.stacked.penalties import product_l1, sparsity_loss
 from retain.errors import ConfigError
 from retain.training.sequence import Session
+from tests.run_helpers import log_entries, two_task_values
 
 B = [[1.0, 0], [2, -1], [0, 3]]  # [out=3, r=2]
 A = [[1.0, -1, 0, 2], [0, 1, 1, -1]]  # [r=2, in=4]
@@ -79,25 +78,15 @@ def test_nlora_run_logs_every_term_keeps_earlier_loras_and_sparsifies_the_update
     # 0.4 keeps the tiny model from learning anything (docs/methods/nlora.md, "weight").
     runs = {}
     for weight in (0.001, 0.0):
-        out = tmp_path / f"weight{weight}"
-        values = tiny_config(
-            cl_method="nlora",
-            nlora_lambda=weight,
-            dataset_dir=str(learnable_dir),
-            cl_tasks="task0,task1",
-            learning_rate=1e-2,
-            num_train_epochs=2,
-            logging_steps=1,
-            max_new_tokens=4,
-            output_dir=str(out),
+        name = f"weight{weight}"
+        values = two_task_values(
+            tiny_config, learnable_dir, tmp_path, name, cl_method="nlora", nlora_lambda=weight
         )
         runs[weight] = Session(parse_config(values)).run()
     run = tmp_path / "weight0.001"
     assert max(v for row in runs[0.001]["matrix"][1:] for v in row) > 0, "the tasks must be learned"
     for task_id in (1, 2):
-        entries = [
-            e for e in json.loads((run / "logs" / f"train_task_{task_id}.json").read_text()) if "loss" in e
-        ]
+        entries = log_entries(run, task_id)
         assert entries[0]["loss_l1"] == 0.0, "B_t starts at 0, so does B_t A_t"
         assert all(e["loss_l1"] > 0 for e in entries[1:])
         for entry in entries:
