@@ -23,3 +23,33 @@ def log_entries(run_dir: Path, task_id: int) -> list[dict]:
     """The training log entries of task `task_id` that carry a loss (one per logged step)."""
     history = json.loads((run_dir / "logs" / f"train_task_{task_id}.json").read_text())
     return [entry for entry in history if "loss" in entry]
+
+
+#: `python -c KILL_DURING_TASK_2 CONFIG` runs `retain run CONFIG` and SIGKILLs itself after task 2's second
+#: optimizer step: a test-only patch of the trainer, production code is untouched.
+KILL_DURING_TASK_2 = """
+import os, signal, sys
+from transformers import TrainerCallback
+from retain.training import trainer as trainer_module
+
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+original_init = trainer_module.CLTrainer.__init__
+
+
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    if self.task.id == 2:
+        self.add_callback(KillAt())
+
+
+trainer_module.CLTrainer.__init__ = init
+from retain.cli import main
+
+sys.exit(main(["run", sys.argv[1]]))
+"""

@@ -21,6 +21,7 @@ from retain.cl.registry import parse_config
 from retain.training.sequence import Session
 from tests.conftest import write_task_family
 from tests.pertask_helpers import build_tiny_bert, one_torch_thread, peft_values  # noqa: F401
+from tests.run_helpers import KILL_DURING_TASK_2
 
 pytestmark = pytest.mark.slow
 
@@ -218,29 +219,6 @@ def test_one_task_per_command_continues_adapters_heads_labels_and_router(tmp_pat
     assert second.method.space.pre_accum(1) == [0, 2]
     assert metrics["tasks"] == ["task1"] and 0.0 <= metrics["matrix"][1][0] <= 1.0
     assert (out / "from_task2" / "metrics.json").is_file()
-
-
-KILL_DURING_TASK_2 = """
-import os, signal, sys
-from transformers import TrainerCallback
-from retain.training import trainer as trainer_module
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-original_init = trainer_module.CLTrainer.__init__
-
-def init(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
-    if self.task.id == 2:
-        self.add_callback(KillAt())
-
-trainer_module.CLTrainer.__init__ = init
-from retain.cli import main
-sys.exit(main(["run", sys.argv[1]]))
-"""
 
 
 def test_a_killed_heads_run_resumes_mid_task_to_the_same_state(tmp_path, learnable_dir):

@@ -16,33 +16,7 @@ from retain.cl.registry import load_method as get_method
 from retain.cl.registry import parse_config
 from retain.training.sequence import STATE_FILE, Session
 from retain.training.trainer import last_complete_checkpoint
-
-KILLER = """
-import os, signal, sys
-from transformers import TrainerCallback
-from retain.training import trainer as trainer_module
-
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-original_init = trainer_module.CLTrainer.__init__
-
-
-def init(self, *args, **kwargs):
-    original_init(self, *args, **kwargs)
-    if self.task.id == 2:
-        self.add_callback(KillAt())
-
-
-trainer_module.CLTrainer.__init__ = init
-from retain.cli import main
-
-sys.exit(main(["run", sys.argv[1]]))
-"""
+from tests.run_helpers import KILL_DURING_TASK_2
 
 # Per-method overrides of the shared config (None removes a key). I-LoRA's mid-task state (the EMA
 # adapter, the replay buffer, the EMA step counter) and the per-task adapters of `peft` must survive
@@ -117,7 +91,7 @@ def test_sigkill_during_task_2_then_resume_matches_uninterrupted(
     # model many times slower on a busy 2-core machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", KILLER, str(config_file)], capture_output=True, text=True, env=env
+        [sys.executable, "-c", KILL_DURING_TASK_2, str(config_file)], capture_output=True, text=True, env=env
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     state = json.loads((killed_dir / STATE_FILE).read_text())
