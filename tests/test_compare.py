@@ -90,15 +90,44 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
         ({"tasks": ["a"]}, "not a metrics file written by retain: no 'matrix' list"),
         ({"matrix": [[0.5]]}, "not a metrics file written by retain: no 'tasks' list"),
         ([1, 2], "not a metrics file written by retain: expected a JSON object"),
+        (b"\xff\xfe{", "not a UTF-8 text file"),
+        ({"tasks": [], "matrix": [[]]}, "not a metrics file written by retain: 'tasks' must be task names"),
+        (
+            {"tasks": ["a", 2], "matrix": []},
+            "not a metrics file written by retain: 'tasks' must be task names",
+        ),
+        (
+            {"tasks": ["a", "b"], "matrix": [[0.5, 0.1], [0.2]]},
+            "'matrix' must be 3 rows (the base model, then",
+        ),
+        ({"tasks": ["a"], "matrix": [[0.5], [0.5], [0.5]]}, "'matrix' must be 2 rows (the base model, then"),
+        (
+            {"tasks": ["a"], "matrix": [[0.5], ["0.9"]]},
+            "'matrix' must be 2 rows (the base model, then one after",
+        ),
+        ({"tasks": ["a"], "matrix": [[0.5], [True]]}, "of 1 finite numbers or nulls"),
+        ({"tasks": ["a"], "matrix": [[0.5], [float("nan")]]}, "of 1 finite numbers or nulls"),
+        (
+            {"tasks": ["a"], "matrix": [[0.5], [None]], "extra_matrices": []},
+            "'extra_matrices' must be an object",
+        ),
+        (
+            {"tasks": ["a"], "matrix": [[0.5], [None]], "extra_matrices": {"choice_accuracy": [[0.5]]}},
+            "'extra_matrices.choice_accuracy' must be 2 rows",
+        ),
     ],
 )
-def test_a_json_file_that_is_not_a_run_s_metrics_is_one_line(tmp_path, capsys, document, message):
+@pytest.mark.parametrize("command", ["compare", "report"])
+def test_a_json_file_that_is_not_a_run_s_metrics_is_one_line(tmp_path, capsys, document, message, command):
     run = tmp_path / "other"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps(document))
-    assert main(["compare", str(run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"retain: error: {run / 'metrics.json'}: {message}"]
+    (run / "metrics.json").write_bytes(
+        document if isinstance(document, bytes) else json.dumps(document).encode()
+    )
+    assert main([command, str(run)]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"retain: error: {run / 'metrics.json'}: ") and message in err
+    assert sorted(path.name for path in run.iterdir()) == ["metrics.json"], "nothing is written"
 
 
 def test_a_tiny_negative_mean_prints_as_zero(tmp_path):

@@ -56,12 +56,48 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise RetainError(f"malformed JSON: {exc.msg}", source=str(path)) from None
+    except UnicodeDecodeError:
+        raise RetainError("not a UTF-8 text file", source=str(path)) from None
+
+    def malformed(detail: str) -> RetainError:
+        return RetainError(f"not a metrics file written by retain: {detail}", source=str(path))
+
     if not isinstance(metrics, dict):
-        raise RetainError("not a metrics file written by retain: expected a JSON object", source=str(path))
+        raise malformed("expected a JSON object")
     for key in ("tasks", "matrix"):
         if not isinstance(metrics.get(key), list):
-            raise RetainError(f"not a metrics file written by retain: no '{key}' list", source=str(path))
+            raise malformed(f"no '{key}' list")
+    tasks = metrics["tasks"]
+    if not tasks or not all(isinstance(task, str) for task in tasks):
+        raise malformed("'tasks' must be task names")
+    extra = metrics.get("extra_matrices", {})
+    if not isinstance(extra, dict):
+        raise malformed("'extra_matrices' must be an object")
+    for name, matrix in [
+        ("matrix", metrics["matrix"]),
+        *((f"extra_matrices.{k}", m) for k, m in extra.items()),
+    ]:
+        if not is_task_matrix(matrix, len(tasks)):
+            raise malformed(
+                f"'{name}' must be {len(tasks) + 1} rows (the base model, then one after each task) "
+                f"of {len(tasks)} finite numbers or nulls"
+            )
     return metrics
+
+
+def is_task_matrix(matrix: Any, task_count: int) -> bool:
+    """Whether `matrix` is (task_count + 1) rows of task_count entries, each a finite number or None."""
+
+    def entry(value: Any) -> bool:
+        return value is None or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+
+    return (
+        isinstance(matrix, list)
+        and len(matrix) == task_count + 1
+        and all(isinstance(row, list) and len(row) == task_count and all(map(entry, row)) for row in matrix)
+    )
 
 
 #: How each `eval_mode` scores, for the report.
