@@ -20,6 +20,10 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
 def test_override_error_and_missing_config(tmp_path):
     result = retain_cli("run", str(tmp_path / "none.yaml"))
     assert result.returncode == 2 and "config file not found" in result.stderr
+    result = retain_cli("train")  # the overrides are optional: only the config is named as missing
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "the following arguments are required: config"
+    )
     config = tmp_path / "c.yaml"
     config.write_text("model_name_or_path: tiny-random-llama\ncl_tasks: a\n")
     result = retain_cli("run", str(config), "lora_rank=zero")

@@ -192,7 +192,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+        p.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the config")
         p.add_argument("--force", action="store_true", help="continue a run even if the config changed")
         _accept_global_flags(p)
     from retain.export import add_arguments as add_export_arguments
