@@ -132,6 +132,11 @@ def test_bad_specs_are_one_line_errors(tmp_path, capsys):
     path.write_text(yaml.safe_dump({"grid": {"seed": [1, 2, 1]}}))  # cells 0 and 2 would resume each other
     assert main(["study", str(path), "--list"]) == 2
     assert "'grid': cells 0 (seed=1) and 2 (seed=1) would share the folder" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"base": "missing.yaml", "grid": {"seed": [1]}}))
+    assert main(["study", str(path), "--list"]) == 2
+    assert f"'base': config file {tmp_path / 'missing.yaml'} not found" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "none.yaml"), "--list"]) == 2
+    assert capsys.readouterr().err.strip() == f"retain: error: {tmp_path / 'none.yaml'}: study spec not found"
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,8 @@ class Study:
 def _config_file(spec_dir: Path, name: Any, source: str, key: str) -> dict[str, Any]:
     if not isinstance(name, str):
         raise ConfigError("expected the path of a config file", source=source, field=key)
+    if not (spec_dir / name).is_file():
+        raise ConfigError(f"config file {spec_dir / name} not found", source=source, field=key)
     return read_yaml(spec_dir / name)
 
 
@@ -90,7 +92,7 @@ def load_study(path: str | Path) -> Study:
     """Read a spec and expand its grid into cells (validated later, when a cell runs or is listed)."""
     path = Path(path)
     source = str(path)
-    spec = read_yaml(path)
+    spec = read_yaml(path, "study spec")
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
         raise ConfigError(

@@ -122,10 +122,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (`what` names the file in the error when it is missing)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("config file not found", source=str(path))
+        raise ConfigError(f"{what} not found", source=str(path))
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
