@@ -294,6 +294,11 @@ def test_the_wheel_carries_the_benchmark_and_stays_small(tmp_path):
         ([], "'label_list' must be a non-empty list of strings"),
         (["yes", 3], "'label_list' must be a non-empty list of strings"),
         (["maybe", "perhaps"], "no test row of task 'task0' has its answer among 'label_list'"),
+        (
+            ["yes", "no", " ."],
+            "'label_list' entry ' .' is empty once spaces and trailing punctuation are removed",
+        ),
+        (["yes", ""], "'label_list' entry '' is empty once"),
     ],
 )
 def test_a_label_list_that_scores_nothing_is_a_data_error(tmp_path, label_list, message):

@@ -97,6 +97,13 @@ def load_task(dataset_dir: Path, info: dict[str, Any], name: str, data: DataArgu
         )
     if labels is None:
         return TaskData(name=name, train=train, test=test, labels=None, spec=spec)
+    empty = next((x for x in labels if not normalize_answer(x)), None)
+    if empty is not None:  # it could never be generated, and choice would score it on no tokens
+        raise DataError(
+            f"'label_list' entry {empty!r} is empty once spaces and trailing punctuation are removed",
+            source=str(dataset_dir / "dataset_info.json"),
+            field=name,
+        )
     normalised = {normalize_answer(x) for x in labels}
     if test and not any(normalize_answer(e.answer) in normalised for e in test):
         raise DataError(
