@@ -213,3 +213,26 @@ def test_an_unknown_method_is_one_line_before_any_model_loads(capsys):
     assert main(["bench", "step-time", *COMMON, "--methods", "seq,ewc,nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--methods: unknown method 'nope'; available: agem, ewc" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["step-time", "eval", "scaling", "cil", "write"])
+def test_bad_shared_options_are_one_line_before_any_work(name, tmp_path, capsys, monkeypatch):
+    """A --json that cannot be written would otherwise end a finished benchmark in a traceback."""
+    import retain.model.loader
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("no model may load before the options are checked")
+
+    monkeypatch.setattr(retain.model.loader, "load_model", no_model)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for options, message in (
+        (["--json", str(blocker / "out.json")], f"'--json': {blocker} is an existing file, not a folder"),
+        (["--json", str(tmp_path)], f"'--json': {tmp_path} is a folder, not a file"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ):
+        assert main(["bench", name, "--model", "tiny-random-llama", *options]) == 2
+        (err,) = capsys.readouterr().err.strip().splitlines()
+        assert err == f"retain: error: {message}"
+    assert main(["bench", "step-time", *COMMON, "--rows", "0"]) == 2
+    assert "--rows must be at least 1" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from retain.errors import ConfigError
-from retain.io import atomic_write_json
+from retain.io import atomic_write_json, make_writable_dir
 
 #: The model of the published figures.
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -117,11 +117,19 @@ def fitting_cutoff(values: dict[str, Any]) -> int:
     return max(len(builder.prompt_ids(e)) + len(builder.answer_ids(e.answer)) for e in rows)
 
 
-def check_counts(args: argparse.Namespace) -> None:
+def check_common(args: argparse.Namespace) -> None:
+    """The options every sub-benchmark shares, before any work: a bad one must not cost a run's figures."""
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1")
     if args.warmup < 0:
         raise ConfigError("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    if args.json_path:
+        path = Path(args.json_path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a file", field="--json")
+        make_writable_dir(path.parent, "--json", ConfigError)
 
 
 def task_names(args: argparse.Namespace) -> list[str]:
@@ -141,7 +149,7 @@ def data_values(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 def setup(args: argparse.Namespace) -> torch.device:
     """Threads, quiet progress bars and the device; returns the device."""
-    check_counts(args)
+    check_common(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -205,8 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(
             "--tasks needs two tasks at least: the earlier ones fill memories, the last is timed"
         )
-    if args.batch_size < 1 or args.prep_steps < 1:
-        raise ConfigError("--batch-size and --prep-steps must be at least 1")
+    if min(args.batch_size, args.prep_steps, args.rows) < 1:
+        raise ConfigError("--batch-size, --prep-steps and --rows must be at least 1")
     B = args.batch_size
     with tempfile.TemporaryDirectory(prefix="retain-bench-") as scratch:
         base = {
