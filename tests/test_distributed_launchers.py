@@ -109,3 +109,34 @@ def test_every_process_loads_a_fresh_alias_and_a_tiny_model_in_bfloat16(tmp_path
     ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["converted_parameters"] > 0 and ranks[0]["half_dtypes"] == ["torch.bfloat16"]
+
+
+#: `retain cl_workflow --mode full_workflow --train_params CONFIG ...` on every rank.
+WORKFLOW = """
+import sys
+from retain.cli import main
+
+sys.exit(main(["cl_workflow", "--mode", "full_workflow", "--train_params", sys.argv[1], *sys.argv[2:]]))
+"""
+
+
+def test_cl_workflow_clean_dirs_on_two_processes(tiny_config, learnable_dir, tmp_path):
+    """--clean_dirs under torchrun: the main process deletes the earlier run folder and save_dir once, the
+    other waits for it; the run then trains afresh and the copy is written once."""
+    out, save = tmp_path / "run", tmp_path / "results"
+    for folder in (out, save):  # earlier run folders, with a file the clean must remove
+        folder.mkdir()
+        (folder / "metrics.json").write_text("{}")
+        (folder / "marker").write_text("")
+    config, eval_params, script = tmp_path / "train.yaml", tmp_path / "eval.yaml", tmp_path / "workflow.py"
+    values = tiny_config(dataset_dir=str(learnable_dir), cl_tasks="task0,task1", output_dir=str(out))
+    config.write_text(yaml.safe_dump({**values, "per_device_train_batch_size": 2}))
+    eval_params.write_text(yaml.safe_dump({"save_dir": str(save)}))
+    script.write_text(WORKFLOW)
+    result = launch(config, 2, script, "--eval_params", str(eval_params), "--clean_dirs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("accuracy matrix (%)") == 1
+    assert not (out / "marker").exists() and not (save / "marker").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["matrix"]) == 3 and metrics["matrix"][2][1] is not None
+    assert json.loads((save / "metrics.json").read_text()) == metrics

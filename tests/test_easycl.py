@@ -146,6 +146,48 @@ def test_cl_workflow_eval_params_and_benchmark_flags(workflow_config, learnable_
     mismatch.write_text(yaml.safe_dump({"model_name_or_path": "other-model"}))
     code, out, err = cli(capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch)
     assert code == 2 and "'model_name_or_path': is 'other-model'" in err
+    # A save_dir that cannot be written is found before the run, not after it (nor after --clean_dirs).
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    mismatch.write_text(yaml.safe_dump({"save_dir": str(blocker)}))
+    code, out, err = cli(
+        capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch, "--clean_dirs"
+    )
+    assert (
+        code == 2
+        and err.strip()
+        == f"retain: error: {mismatch}: 'save_dir': {blocker} is an existing file, not a folder"
+    )
+    assert (tmp_path / "lora_sft" / "metrics.json").is_file(), "the run was not cleaned away"
+    # --clean_dirs checks every folder before it deletes any: a save_dir holding other files stops it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    mismatch.write_text(yaml.safe_dump({"save_dir": str(mine)}))
+    code, out, err = cli(
+        capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch, "--clean_dirs"
+    )
+    assert code == 2 and f"'save_dir': {mine} is not a retain run folder" in err
+    assert (mine / "notes.txt").is_file() and (tmp_path / "lora_sft" / "metrics.json").is_file()
+    # A run folder and its copy are deleted, and the run starts afresh.
+    marker = tmp_path / "lora_sft" / "marker"
+    marker.write_text("")
+    code, out, err = cli(
+        capsys,
+        "cl_workflow",
+        "--mode",
+        "full_workflow",
+        "--train_params",
+        workflow_config,
+        "--eval_params",
+        eval_params,
+        "--clean_dirs",
+    )
+    assert code == 0, err
+    assert not marker.exists() and (tmp_path / "lora_sft" / "metrics.json").is_file()
+    again = json.loads((tmp_path / "eval_results" / "metrics.json").read_text())
+    assert again == json.loads((tmp_path / "lora_sft" / "metrics.json").read_text())
+    assert again["matrix"] == copied["matrix"]  # the same training again (its wall time differs)
 
     bench = learnable_dir / "benchmark_info.json"
     bench.write_text(json.dumps({"B": {"orders": {"rev": ["task2", "task0"]}}}))

@@ -26,17 +26,19 @@ def _umask() -> int:
     return mask
 
 
-def make_writable_dir(path: Path, field: str, error: type[RetainError] = RetainError) -> None:
+def make_writable_dir(
+    path: Path, field: str, error: type[RetainError] = RetainError, source: str | None = None
+) -> None:
     """Create folder `path` (with its parents) and check that a file can be written in it; else one
-    line naming `field` (an existing file in its place, a read-only file system, no permission)."""
+    line naming `field` of `source` (an existing file in its place, a read-only file system, no permission)."""
     if path.exists() and not path.is_dir():
-        raise error(f"{path} is an existing file, not a folder", field=field)
+        raise error(f"{path} is an existing file, not a folder", source=source, field=field)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise error(f"cannot write to {path}: {exc.strerror or exc}", field=field) from None
+        raise error(f"cannot write to {path}: {exc.strerror or exc}", source=source, field=field) from None
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from retain.cl.registry import parse_config
 from retain.errors import ConfigError
 from retain.eval.report import write_results
 from retain.hparams.parser import RunConfig, read_yaml
+from retain.io import make_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -171,14 +172,27 @@ def plan(config: RunConfig, mode: str, tasks: list[str], save_dir: str | None) -
     return "\n".join(lines)
 
 
-def _clean(path: Path) -> None:
-    if not path.exists():
-        return
-    if not (path / "state.json").is_file() and not (path / "metrics.json").is_file():
-        raise ConfigError(
-            f"{path} is not a retain run folder; --clean_dirs deletes run folders only", field="output_dir"
-        )
-    shutil.rmtree(path)
+def _clean(folders: dict[str, Path]) -> None:
+    """--clean_dirs: delete earlier run folders ({field: folder}); every one is checked before any is deleted.
+
+    Every process checks (the same verdict everywhere, so none is left waiting for one that stopped); the
+    main process deletes, between barriers, so no process sees a folder half deleted or starts early.
+    """
+    from accelerate import PartialState
+
+    for field, path in folders.items():
+        is_run = (path / "state.json").is_file() or (path / "metrics.json").is_file()
+        if path.exists() and not is_run and not (path.is_dir() and not any(path.iterdir())):
+            raise ConfigError(
+                f"{path} is not a retain run folder; --clean_dirs deletes run folders only", field=field
+            )
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for path in folders.values():
+            if path.is_dir():
+                shutil.rmtree(path)
+    state.wait_for_everyone()
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Path]:
@@ -195,10 +209,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any] | None, Path]:
         for note in config.notes:
             print(f"note: {note}")
         return None, config.output_dir
+    if save_dir:  # before anything is deleted or trained: the copy is written at the very end
+        make_writable_dir(Path(save_dir), "save_dir", ConfigError, source=str(args.eval_params))
     if args.clean_dirs:
-        _clean(config.output_dir)
-        if save_dir:
-            _clean(Path(save_dir))
+        _clean({"output_dir": config.output_dir, **({"save_dir": Path(save_dir)} if save_dir else {})})
     session = Session(config)
     result = session.run(train=args.mode != "eval_only", evaluate=args.mode != "train_only")
     if result is not None and save_dir and session.state_.is_main_process:
