@@ -9,6 +9,7 @@ import yaml
 
 from retain.cl.registry import method_specs
 from retain.cli import main
+from retain.io import exclusive_use
 
 CONFIGS = Path(__file__).parent / "easycl"
 
@@ -169,6 +170,20 @@ def test_cl_workflow_eval_params_and_benchmark_flags(workflow_config, learnable_
     )
     assert code == 2 and f"'save_dir': {mine} is not a retain run folder" in err
     assert (mine / "notes.txt").is_file() and (tmp_path / "lora_sft" / "metrics.json").is_file()
+    # Nor is a run folder that a running retain process holds deleted.
+    mismatch.write_text(yaml.safe_dump({"save_dir": str(tmp_path / "eval_results")}))
+    with exclusive_use(tmp_path / "lora_sft", "output_dir"):
+        code, out, err = cli(
+            capsys,
+            "cl_workflow",
+            "--train_params",
+            workflow_config,
+            "--eval_params",
+            mismatch,
+            "--clean_dirs",
+        )
+    assert code == 2 and "lora_sft is in use by another retain process" in err
+    assert (tmp_path / "lora_sft" / "metrics.json").is_file()
     # A run folder and its copy are deleted, and the run starts afresh.
     marker = tmp_path / "lora_sft" / "marker"
     marker.write_text("")

@@ -26,7 +26,7 @@ from retain.cl.registry import parse_config
 from retain.errors import ConfigError
 from retain.eval.report import write_results
 from retain.hparams.parser import RunConfig, read_yaml
-from retain.io import make_writable_dir
+from retain.io import exclusive_use, make_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ def _clean(folders: dict[str, Path]) -> None:
     """--clean_dirs: delete earlier run folders ({field: folder}); every one is checked before any is deleted.
 
     Every process checks (the same verdict everywhere, so none is left waiting for one that stopped); the
-    main process deletes, between barriers, so no process sees a folder half deleted or starts early.
+    main process deletes, between barriers, so no process sees a folder half deleted or starts early, and
+    never a folder that a running retain process holds (`exclusive_use`).
     """
     from accelerate import PartialState
 
@@ -189,9 +190,10 @@ def _clean(folders: dict[str, Path]) -> None:
     state = PartialState()
     state.wait_for_everyone()
     if state.is_main_process:
-        for path in folders.values():
+        for field, path in folders.items():
             if path.is_dir():
-                shutil.rmtree(path)
+                with exclusive_use(path, field):
+                    shutil.rmtree(path)
     state.wait_for_everyone()
 
 
