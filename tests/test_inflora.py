@@ -340,6 +340,18 @@ def test_run_freezes_a_protects_stored_inputs_and_logs_the_loss(tiny_config, lea
     assert float(torch.trace(m1.T @ cov @ m1)) >= (0.97 - 1e-5) * total
     assert float(torch.trace(a2 @ cov @ a2.T)) <= (1 - 0.97) / 3 * total + 1e-5 * total
 
+    # The task states keep the subspace steps up to their task, so a later process (a resumed run) reports
+    # them all; restoring an earlier task for evaluation does not shorten the list.
+    steps = [(t["task"], t["phase"]) for t in method.timings]
+    assert steps[:6] == [(task, phase) for task in (1, 2, 3) for phase in ("design", "grow")]
+    later = Session(parse_config(learnable(tiny_config, learnable_dir, output_dir=str(run))))
+    later.load()
+    later.restore(2)
+    assert later.method.report_info() == {"subspace_timings": method.timings[:4]}
+    later.restore(3)
+    later.restore(1)
+    assert later.method.report_info() == {"subspace_timings": method.timings[:6]}
+
 
 # ---- saved state and continuation --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ formulas and every decision are in docs/methods/inflora.md.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 import time
@@ -218,7 +219,8 @@ class InfLoRA(StackedLoRA):
         return covs
 
     def report_info(self) -> dict[str, Any]:
-        """The subspace steps of this invocation, timed apart from training (collection and solve)."""
+        """The subspace steps of every task so far, timed apart from training (collection and solve); each
+        task state keeps those up to its task, so a resumed run reports the steps before the resume too."""
         return {"subspace_timings": self.timings} if self.timings else {}
 
     # ---- the loss -----------------------------------------------------------------------------------
@@ -240,6 +242,7 @@ class InfLoRA(StackedLoRA):
             for n, b in zip(self.names, self.bases, strict=True)
         }
         meta = {"format": STATE_FORMAT, "tasks": str(task.id), "threshold": repr(self.args.inflora_threshold)}
+        meta["timings"] = json.dumps([t for t in self.timings if t["task"] <= task.id])
         save_file(tensors, str(Path(directory) / STATE_FILE), metadata=meta)
 
     def load_task(self, model, task: Task | None, directory: Path) -> None:
@@ -274,6 +277,11 @@ class InfLoRA(StackedLoRA):
                 raise ModelError(f"subspace of {name} has shape {tuple(basis.shape)}", source=str(path))
             bases.append(basis.to(weight.device, torch.float32))
         self.bases = bases
+        # The steps up to this task: a prefix of those of any later task, so the longest list seen is kept
+        # (evaluation restores earlier tasks too).
+        saved_timings = json.loads(meta.get("timings", "[]"))
+        if len(saved_timings) > len(self.timings):
+            self.timings = saved_timings
 
     def load_checkpoint(self, model, directory: Path) -> None:
         """Nothing to restore (begin_task designs the same A again); the Trainer must keep A frozen."""
