@@ -43,11 +43,11 @@ def losses(run_dir: Path, task_id: int) -> list[float]:
     return [entry["loss"] for entry in log_entries(run_dir, task_id)]
 
 
-def launch_one_and_two(base: dict, tmp_path: Path, probe: str | None = None, *, dumps: bool = False) -> dict:
+def launch_one_and_two(base: dict, tmp_path: Path, probe: str | None = None) -> dict:
     """Run config `base` on 1 process x batch 4 and on 2 processes x batch 2: the same global batch of 4 rows.
 
-    `probe` (a script's text) runs in place of `python -m retain run`, given a folder to dump into
-    (`dumps=True` makes that folder without a probe too). Returns {processes: (output_dir, dumps, result)}.
+    `probe` (a script's text) runs in place of `python -m retain run`, given a folder to dump into.
+    Returns {processes: (output_dir, dumps folder, result)}.
     """
     script = None
     if probe is not None:
@@ -61,7 +61,7 @@ def launch_one_and_two(base: dict, tmp_path: Path, probe: str | None = None, *, 
             yaml.safe_dump({**base, "per_device_train_batch_size": batch, "output_dir": str(out)})
         )
         args = []
-        if probe is not None or dumps:
+        if probe is not None:
             folder.mkdir()
             args = [str(folder)]
         result = launch(config, processes, script, *args)

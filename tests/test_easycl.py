@@ -121,16 +121,21 @@ def test_cl_workflow_eval_params_and_benchmark_flags(workflow_config, learnable_
             }
         )
     )
-    code, out, err = cli(
-        capsys,
-        "cl_workflow",
-        "--mode",
-        "full_workflow",
-        "--train_params",
-        workflow_config,
-        "--eval_params",
-        eval_params,
-    )
+
+    def workflow(params, *flags):
+        return cli(
+            capsys,
+            "cl_workflow",
+            "--mode",
+            "full_workflow",
+            "--train_params",
+            workflow_config,
+            "--eval_params",
+            params,
+            *flags,
+        )
+
+    code, out, err = workflow(eval_params)
     assert code == 0, err
     config = yaml.safe_load((tmp_path / "lora_sft" / "config.yaml").read_text())
     assert config["per_device_eval_batch_size"] == 3  # batch_size is honoured
@@ -140,20 +145,18 @@ def test_cl_workflow_eval_params_and_benchmark_flags(workflow_config, learnable_
 
     mismatch = tmp_path / "bad_eval.yaml"
     mismatch.write_text(yaml.safe_dump({"model_name_or_path": "other-model", "nonsense_key": 1}))
-    code, out, err = cli(capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch)
+    code, out, err = workflow(mismatch)
     assert (
         code == 2 and "unknown evaluation keys: 'nonsense_key'" in err and len(err.strip().splitlines()) == 1
     )
     mismatch.write_text(yaml.safe_dump({"model_name_or_path": "other-model"}))
-    code, out, err = cli(capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch)
+    code, out, err = workflow(mismatch)
     assert code == 2 and "'model_name_or_path': is 'other-model'" in err
     # A save_dir that cannot be written is found before the run, not after it (nor after --clean_dirs).
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     mismatch.write_text(yaml.safe_dump({"save_dir": str(blocker)}))
-    code, out, err = cli(
-        capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch, "--clean_dirs"
-    )
+    code, out, err = workflow(mismatch, "--clean_dirs")
     assert (
         code == 2
         and err.strip()
@@ -165,39 +168,19 @@ def test_cl_workflow_eval_params_and_benchmark_flags(workflow_config, learnable_
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     mismatch.write_text(yaml.safe_dump({"save_dir": str(mine)}))
-    code, out, err = cli(
-        capsys, "cl_workflow", "--train_params", workflow_config, "--eval_params", mismatch, "--clean_dirs"
-    )
+    code, out, err = workflow(mismatch, "--clean_dirs")
     assert code == 2 and f"'save_dir': {mine} is not a retain run folder" in err
     assert (mine / "notes.txt").is_file() and (tmp_path / "lora_sft" / "metrics.json").is_file()
     # Nor is a run folder that a running retain process holds deleted.
     mismatch.write_text(yaml.safe_dump({"save_dir": str(tmp_path / "eval_results")}))
     with exclusive_use(tmp_path / "lora_sft", "output_dir"):
-        code, out, err = cli(
-            capsys,
-            "cl_workflow",
-            "--train_params",
-            workflow_config,
-            "--eval_params",
-            mismatch,
-            "--clean_dirs",
-        )
+        code, out, err = workflow(mismatch, "--clean_dirs")
     assert code == 2 and "lora_sft is in use by another retain process" in err
     assert (tmp_path / "lora_sft" / "metrics.json").is_file()
     # A run folder and its copy are deleted, and the run starts afresh.
     marker = tmp_path / "lora_sft" / "marker"
     marker.write_text("")
-    code, out, err = cli(
-        capsys,
-        "cl_workflow",
-        "--mode",
-        "full_workflow",
-        "--train_params",
-        workflow_config,
-        "--eval_params",
-        eval_params,
-        "--clean_dirs",
-    )
+    code, out, err = workflow(eval_params, "--clean_dirs")
     assert code == 0, err
     assert not marker.exists() and (tmp_path / "lora_sft" / "metrics.json").is_file()
     again = json.loads((tmp_path / "eval_results" / "metrics.json").read_text())
