@@ -18,9 +18,9 @@ TASKS = ["a", "b"]
 
 
 def write_run(path, matrix, seed, tasks=TASKS, **metrics):
+    """A metrics.json with the given matrix and stored metrics (compare computes its own from the matrix)."""
     path.mkdir(parents=True)
-    values = {"last": None, "avg": None, "bwt": None, "fwt": None, "forgetting": None, **metrics}
-    doc = {"tasks": tasks, "matrix": matrix, "method": "seq", "seed": seed, "wall_time_s": 60.0, **values}
+    doc = {"tasks": tasks, "matrix": matrix, "method": "seq", "seed": seed, "wall_time_s": 60.0, **metrics}
     (path / "metrics.json").write_text(json.dumps(doc))
     return path
 
@@ -46,21 +46,38 @@ def test_seen_average_curve_by_hand():
 
 
 def test_groups_by_seed_suffix_and_averages_matrices(tmp_path):
-    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1, last=0.5, bwt=-0.4)
-    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2, last=0.7, bwt=0.0)
-    other = write_run(tmp_path / "x", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
+    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1)
+    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2)
+    other = write_run(tmp_path / "x", [[0, 0], [1, 0], [1, None]], 1)
     summary = compare(parse_run_args([str(one), str(two), f"ref={other}"]))
     assert list(summary) == ["seq", "ref"]
     seq = summary["seq"]
     assert seq["seeds"] == [1, 2]
+    # Last: (0.4 + 0.6) / 2 and (0.6 + 0.8) / 2; BWT: 0.4 - 0.8 and 0.6 - 0.6; FWT: 0.1 - 0 and 0.3 - 0;
+    # LA: (0.8 + 0.6) / 2 and (0.6 + 0.8) / 2.
     assert seq["last"]["mean"] == pytest.approx(0.6)
     assert seq["last"]["sd"] == pytest.approx(math.sqrt(0.02))
     assert seq["bwt"]["mean"] == pytest.approx(-0.2)
-    assert seq["fwt"] == {"mean": None, "sd": None}
+    assert seq["fwt"]["mean"] == pytest.approx(0.2)
+    assert seq["learning_accuracy"]["mean"] == pytest.approx(0.7)
+    assert summary["ref"]["learning_accuracy"] == {"mean": None, "sd": None}  # a missing entry, never 0
     assert seq["matrix"][2] == pytest.approx([0.5, 0.7])
     assert seq["seen_average"] == pytest.approx([0.7, 0.6])
-    assert summary["ref"]["last"] == {"mean": 1.0, "sd": None}
-    assert [(r["seed"], r["last"], r["bwt"]) for r in seq["per_run"]] == [(1, 0.5, -0.4), (2, 0.7, 0.0)]
+    assert summary["ref"]["bwt"] == {"mean": 0.0, "sd": None}
+    assert [r["seed"] for r in seq["per_run"]] == [1, 2]
+    per_run = [(r["last"], r["bwt"]) for r in seq["per_run"]]
+    assert per_run == [pytest.approx((0.5, -0.4)), pytest.approx((0.7, 0))]
+
+
+def test_metrics_come_from_the_matrix_not_the_stored_values(tmp_path, capsys):
+    """A file that an earlier version wrote (no LA) or whose stored figures disagree with its matrix."""
+    run = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1, last=0.9, avg=0.1)
+    entry = compare(parse_run_args([str(run)]))["seq"]
+    assert entry["last"]["mean"] == pytest.approx(0.5)
+    assert entry["avg"]["mean"] == pytest.approx((0.8 + 0.5) / 2)
+    assert entry["learning_accuracy"]["mean"] == pytest.approx(0.7)
+    assert main(["report", str(run)]) == 0
+    assert "last=50.0  avg=65.0  learning_accuracy=70.0  bwt=-40.0" in capsys.readouterr().out
 
 
 def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):
@@ -71,13 +88,14 @@ def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):
 
 
 def test_compare_command_writes_its_files(tmp_path, capsys):
-    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1, last=0.5)
-    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2, last=0.7)
+    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1)
+    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2)
     out = tmp_path / "cmp"
     assert main(["compare", str(one), str(two), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| seq | seq | 1, 2 | 60.0 ± 14.1 |" in printed
-    assert f"| {two} | 2 | 70.0 | n/a |" in printed  # one row per run
+    # One row per run; Avg (0.6 + 0.7) / 2, LA (0.6 + 0.8) / 2, FWT 0.3 - 0, Forgetting 0.6 - 0.6.
+    assert f"| {two} | 2 | 70.0 | 65.0 | 70.0 | 0.0 | 30.0 | 0.0 | 1 |" in printed
     assert json.loads((out / "comparison.json").read_text())["seq"]["last"]["mean"] == pytest.approx(0.6)
     for name in ("comparison.png", "heatmaps.png", "task_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
@@ -105,8 +123,13 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
             {"tasks": ["a"], "matrix": [[0.5], ["0.9"]]},
             "'matrix' must be 2 rows (the base model, then one after",
         ),
-        ({"tasks": ["a"], "matrix": [[0.5], [True]]}, "of 1 finite numbers or nulls"),
-        ({"tasks": ["a"], "matrix": [[0.5], [float("nan")]]}, "of 1 finite numbers or nulls"),
+        ({"tasks": ["a"], "matrix": [[0.5], [True]]}, "of 1 scores in [0, 1] or nulls"),
+        ({"tasks": ["a"], "matrix": [[0.5], [float("nan")]]}, "of 1 scores in [0, 1] or nulls"),
+        ({"tasks": ["a"], "matrix": [[0.5], [1.5]]}, "of 1 scores in [0, 1] or nulls"),
+        (
+            {"tasks": ["a"], "matrix": [[0.5], [0.5]], "extra_matrices": {"off_label": [[0.5], [-0.1]]}},
+            "'extra_matrices.off_label' must be 2 rows",
+        ),
         (
             {"tasks": ["a"], "matrix": [[0.5], [None]], "extra_matrices": []},
             "'extra_matrices' must be an object",
@@ -131,9 +154,12 @@ def test_a_json_file_that_is_not_a_run_s_metrics_is_one_line(tmp_path, capsys, d
 
 
 def test_a_tiny_negative_mean_prints_as_zero(tmp_path):
-    run = write_run(tmp_path / "m_s1", [[0, 0], [1, 0], [1, 1]], 1, bwt=-1e-17)
-    text = comparison_markdown(compare(parse_run_args([str(run)])))
-    assert "-0.0" not in text and "| m | seq | 1 | n/a | n/a | 0.0 |" in text
+    # BWT: 0.3 - 0.30000000000000004, a tiny negative number
+    run = write_run(tmp_path / "m_s1", [[0, 0], [0.1 + 0.2, 0], [0.3, 1]], 1)
+    summary = compare(parse_run_args([str(run)]))
+    assert -1e-15 < summary["m"]["bwt"]["mean"] < 0
+    text = comparison_markdown(summary)
+    assert "-0.0" not in text and "| m | seq | 1 | 65.0 | 47.5 | 65.0 | 0.0 |" in text
 
 
 def test_extra_matrices_are_summarised_when_every_run_has_them(tmp_path):
@@ -159,11 +185,11 @@ def test_extra_matrices_are_summarised_when_every_run_has_them(tmp_path):
     assert extra["choice_accuracy"]["bwt"]["mean"] == pytest.approx(-0.1)
     text = comparison_markdown(summary)
     assert "`choice_accuracy` (an extra matrix" in text and "`mode_agreement`" not in text
-    assert "| seq | 72.5 ± 3.5 | 78.8 ± 5.3 | -10.0 ± 14.1 |" in text
+    assert "| seq | 72.5 ± 3.5 | 78.8 ± 5.3 | 77.5 ± 10.6 | -10.0 ± 14.1 |" in text  # LA: 0.85 and 0.7
 
 
 def test_a_run_given_twice_or_an_empty_label_is_an_error(tmp_path, capsys, monkeypatch):
-    run = write_run(tmp_path / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
+    run = write_run(tmp_path / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1)
     monkeypatch.chdir(tmp_path)
     for args, message in [
         (["seq_s1", "./seq_s1"], "the run ./seq_s1 is given twice (first as 'seq_s1')"),
@@ -179,9 +205,9 @@ def test_a_run_given_twice_or_an_empty_label_is_an_error(tmp_path, capsys, monke
 
 
 def test_two_runs_of_one_seed_in_a_group_get_a_note(tmp_path, caplog):
-    one = write_run(tmp_path / "a" / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
-    copy = write_run(tmp_path / "b" / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1, last=1.0)
-    other = write_run(tmp_path / "seq_s2", [[0, 0], [1, 0], [1, 1]], 2, last=1.0)
+    one = write_run(tmp_path / "a" / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1)
+    copy = write_run(tmp_path / "b" / "seq_s1", [[0, 0], [1, 0], [1, 1]], 1)
+    other = write_run(tmp_path / "seq_s2", [[0, 0], [1, 0], [1, 1]], 2)
     with caplog.at_level("WARNING", logger="retain.eval.compare"):
         summary = compare(parse_run_args([str(one), str(copy), str(other)]))
     assert summary["seq"]["seeds"] == [1, 1, 2]

@@ -23,6 +23,14 @@ def test_metrics_against_hand_computation():
     assert metrics.fwt(R) == pytest.approx(0.075)
     # Forgetting: t1: max(0.90, 0.60) - 0.50 = 0.40; t2: max(0.80) - 0.70 = 0.10 -> 0.25
     assert metrics.forgetting(R) == pytest.approx(0.25)
+    # LA: each task just after its training, (0.90 + 0.80 + 0.95) / 3
+    assert metrics.learning_accuracy(R) == pytest.approx((0.90 + 0.80 + 0.95) / 3)
+
+
+def test_last_is_learning_accuracy_plus_what_came_after():
+    # Last = LA + (T-1)/T * BWT: the final task's own entry is in both Last and LA.
+    values = metrics.all_metrics(R)
+    assert values["last"] == pytest.approx(values["learning_accuracy"] + 2 / 3 * values["bwt"])
 
 
 def test_plain_mean_not_weighted():
@@ -37,6 +45,9 @@ def test_missing_entry_is_never_zero():
     assert metrics.last(R_missing) is None
     assert metrics.bwt(R_missing) is None
     assert metrics.forgetting(R_missing) is None
+    R_diagonal = [row[:] for row in R]
+    R_diagonal[2][1] = None
+    assert metrics.learning_accuracy(R_diagonal) is None
     # FWT does not need the final row, so it is still defined.
     assert metrics.fwt(R_missing) == pytest.approx(0.075)
     # A missing base row entry only affects FWT.

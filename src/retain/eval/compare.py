@@ -20,7 +20,16 @@ from retain.eval.metrics import all_metrics
 from retain.eval.report import load_metrics
 from retain.io import atomic_write_bytes, atomic_write_json, atomic_write_text, make_writable_dir
 
-METRIC_KEYS = ("last", "avg", "bwt", "fwt", "forgetting")
+#: The metrics of a comparison and their column headings.
+METRIC_COLUMNS = {
+    "last": "Last",
+    "avg": "Avg",
+    "learning_accuracy": "LA",
+    "bwt": "BWT",
+    "fwt": "FWT",
+    "forgetting": "Forgetting",
+}
+METRIC_KEYS = tuple(METRIC_COLUMNS)
 logger = logging.getLogger(__name__)
 _SEED_SUFFIX = re.compile(r"_(?:seed|s)\d+$")
 
@@ -126,11 +135,13 @@ def _minutes(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds / 60:.0f}"
 
 
+def _header(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def comparison_markdown(summary: dict[str, Any]) -> str:
-    lines = [
-        "| run | method | seeds | Last | Avg | BWT | FWT | Forgetting | wall (min) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    metrics = METRIC_COLUMNS.values()
+    lines = _header("run", "method", "seeds", *metrics, "wall (min)")
     for label, entry in summary.items():
         cells = [_pct(entry[key]["mean"], entry[key]["sd"]) for key in METRIC_KEYS]
         wall = _minutes(entry["wall_time_s"])
@@ -138,10 +149,9 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {label} | {', '.join(entry['method'])} | {seeds} | {' | '.join(cells)} | {wall} |")
     lines += [
         "",
-        "Accuracy in %, mean ± sample standard deviation over seeds.",
+        "Accuracy in %, mean ± sample standard deviation over seeds. LA: each task just after its training.",
         "",
-        "| run | seed | Last | Avg | BWT | FWT | Forgetting | wall (min) |",
-        "|---|---|---|---|---|---|---|---|",
+        *_header("run", "seed", *metrics, "wall (min)"),
     ]
     for entry in summary.values():
         for run in entry["per_run"]:
@@ -151,7 +161,7 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     missing = {"mean": None, "sd": None}
     for name in sorted({name for entry in summary.values() for name in entry["extra"]}):
         lines += ["", f"`{name}` (an extra matrix, read with the same definitions):", ""]
-        lines += ["| run | Last | Avg | BWT | FWT | Forgetting |", "|---|---|---|---|---|---|"]
+        lines += _header("run", *metrics)
         for label, entry in summary.items():
             stats = entry["extra"].get(name, {})
             cells = [_pct(**stats.get(key, missing)) for key in METRIC_KEYS]

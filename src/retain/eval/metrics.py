@@ -7,9 +7,13 @@ number computed as if the entry were 0. Every mean is the plain mean over tasks.
 
 - Last       = mean_i R[T][i]
 - Avg        = mean_k ( mean_{i<=k} R[k][i] )            (average incremental accuracy)
+- LA         = mean_i R[i][i]                             (learning accuracy: each task just after its training)
 - BWT        = mean_{i<T} ( R[T][i] - R[i][i] )          (backward transfer; < 0 is forgetting)
 - FWT        = mean_{i>1} ( R[i-1][i] - R[0][i] )        (forward transfer, against the base row)
 - Forgetting = mean_{i<T} ( max_{i<=k<T} R[k][i] - R[T][i] )
+
+With every entry present, Last = LA + (T-1)/T * BWT: the final accuracy is what was learned plus what
+was gained or lost afterwards.
 
 Micro averages pool test rows instead of tasks (C: correct rows, N: scored rows of each entry):
 - Last (micro) = sum_i C[T][i] / sum_i N[T][i]
@@ -51,6 +55,11 @@ def avg(matrix: Matrix) -> float | None:
     return _mean([_mean([matrix[k][i] for i in range(k)]) for k in range(1, t + 1)])
 
 
+def learning_accuracy(matrix: Matrix) -> float | None:
+    t = _check(matrix)
+    return _mean([matrix[i + 1][i] for i in range(t)])
+
+
 def bwt(matrix: Matrix) -> float | None:
     t = _check(matrix)
     if t < 2:
@@ -87,6 +96,7 @@ def all_metrics(matrix: Matrix) -> dict[str, float | None]:
     return {
         "last": last(matrix),
         "avg": avg(matrix),
+        "learning_accuracy": learning_accuracy(matrix),
         "bwt": bwt(matrix),
         "fwt": fwt(matrix),
         "forgetting": forgetting(matrix),

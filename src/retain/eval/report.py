@@ -49,6 +49,8 @@ def write_results(output_dir: str | Path, metrics: dict[str, Any]) -> None:
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """A run's metrics.json, checked, with Last, Avg, LA, BWT, FWT and Forgetting computed again from its
+    matrix: every reader sees today's definitions, also for a file an earlier version wrote."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise RetainError("no metrics.json: run `retain run` or `retain eval` first", source=str(path))
@@ -80,17 +82,17 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
         if not is_task_matrix(matrix, len(tasks)):
             raise malformed(
                 f"'{name}' must be {len(tasks) + 1} rows (the base model, then one after each task) "
-                f"of {len(tasks)} finite numbers or nulls"
+                f"of {len(tasks)} scores in [0, 1] or nulls"
             )
-    return metrics
+    return {**metrics, **all_metrics(metrics["matrix"])}
 
 
 def is_task_matrix(matrix: Any, task_count: int) -> bool:
-    """Whether `matrix` is (task_count + 1) rows of task_count entries, each a finite number or None."""
+    """Whether `matrix` is (task_count + 1) rows of task_count entries, each a score in [0, 1] or None."""
 
     def entry(value: Any) -> bool:
         return value is None or (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
         )
 
     return (
@@ -128,10 +130,10 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         f"Scored by {MODES.get(mode, mode)}. Last and Avg are means over tasks (macro); the micro ones pool the",
         "test rows of every task.",
         "",
-        "| Last | Avg | BWT | FWT | Forgetting | Last (micro) | Avg (micro) |",
-        "|---|---|---|---|---|---|---|",
+        "| Last | Avg | LA | BWT | FWT | Forgetting | Last (micro) | Avg (micro) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    keys = ("last", "avg", "bwt", "fwt", "forgetting", "last_micro", "avg_micro")
+    keys = ("last", "avg", "learning_accuracy", "bwt", "fwt", "forgetting", "last_micro", "avg_micro")
     lines += ["| " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |", ""]
     lines += [
         "## Accuracy matrix (%)",
@@ -166,6 +168,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     lines += ["", f"![accuracy matrix]({HEATMAP_PNG})", "", f"![accuracy per task]({CURVE_PNG})", ""]
     lines += [
         "Definitions: Last = mean of the final row; Avg = mean over steps of the mean over seen tasks;",
+        "LA (learning accuracy) = mean of R[i][i], each task just after its training;",
         "BWT = mean over i<T of R[T][i] - R[i][i]; FWT = mean over i>1 of R[i-1][i] - R[0][i];",
         "Forgetting = mean over i<T of max_{i<=k<T} R[k][i] - R[T][i]. Plain means over tasks.",
         "",

@@ -202,7 +202,7 @@ class CLArguments:
     eval_scope: str = option(
         "all",
         "'all': after each task, evaluate every task. 'seen': only tasks seen so far and the next "
-        "one (enough for Last, Avg, BWT, FWT and forgetting).",
+        "one (enough for every metric: Last, Avg, LA, BWT, FWT, forgetting).",
     )
     eval_base: bool = option(True, "Evaluate the base model first (row 0, needed for FWT).")
     eval_base_cache: bool = option(
