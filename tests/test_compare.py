@@ -8,6 +8,7 @@ from retain.errors import RetainError
 from retain.eval.compare import (
     compare,
     comparison_markdown,
+    learned_and_forgotten,
     mean_and_sd,
     parse_run_args,
     run_label,
@@ -80,6 +81,16 @@ def test_metrics_come_from_the_matrix_not_the_stored_values(tmp_path, capsys):
     assert "last=50.0  avg=65.0  learning_accuracy=70.0  bwt=-40.0" in capsys.readouterr().out
 
 
+def test_learned_and_forgotten_points(tmp_path):
+    """The trade-off figure's points: LA and Forgetting in %, a group with either missing left out."""
+    one = write_run(tmp_path / "seq_s1", [[0, 0], [0.8, 0.1], [0.4, 0.6]], 1)
+    two = write_run(tmp_path / "seq_s2", [[0, 0], [0.6, 0.3], [0.6, 0.8]], 2)
+    gap = write_run(tmp_path / "gap", [[0, 0], [0.6, 0.3], [None, 0.8]], 1)
+    points = learned_and_forgotten(compare(parse_run_args([str(one), str(two), str(gap)])))
+    # LA (0.8 + 0.6) / 2 and (0.6 + 0.8) / 2; Forgetting 0.8 - 0.4 and 0.6 - 0.6.
+    assert points == [("seq", pytest.approx(70.0), pytest.approx(20.0))]
+
+
 def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):
     one = write_run(tmp_path / "m_s1", [[0, 0], [1, 0], [1, 1]], 1)
     two = write_run(tmp_path / "m_s2", [[0, 0], [1, 0], [1, 1]], 2, tasks=["a", "c"])
@@ -97,7 +108,7 @@ def test_compare_command_writes_its_files(tmp_path, capsys):
     # One row per run; Avg (0.6 + 0.7) / 2, LA (0.6 + 0.8) / 2, FWT 0.3 - 0, Forgetting 0.6 - 0.6.
     assert f"| {two} | 2 | 70.0 | 65.0 | 70.0 | 0.0 | 30.0 | 0.0 | 1 |" in printed
     assert json.loads((out / "comparison.json").read_text())["seq"]["last"]["mean"] == pytest.approx(0.6)
-    for name in ("comparison.png", "heatmaps.png", "task_curves.png"):
+    for name in ("comparison.png", "heatmaps.png", "task_curves.png", "tradeoff.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     assert main(["compare", str(tmp_path / "nothing")]) == 2
 

@@ -246,6 +246,32 @@ def task_curves_png(summary: dict[str, Any]) -> bytes:
     return figure_bytes(fig)
 
 
+def learned_and_forgotten(summary: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(label, LA, Forgetting) of each group with both defined, in % (means over runs)."""
+    points = []
+    for label, entry in summary.items():
+        learned, forgotten = entry["learning_accuracy"]["mean"], entry["forgetting"]["mean"]
+        if learned is not None and forgotten is not None:
+            points.append((label, 100 * learned, 100 * forgotten))
+    return points
+
+
+def tradeoff_png(summary: dict[str, Any]) -> bytes:
+    """What each group learned (LA) against what it forgot afterwards (Forgetting), one point per group."""
+    from retain.eval.report import figure_bytes, pyplot
+
+    fig, ax = pyplot().subplots(figsize=(5.2, 4))
+    for label, learned, forgotten in learned_and_forgotten(summary):
+        ax.plot(learned, forgotten, "o", color="#1f77b4")
+        ax.annotate(label, (learned, forgotten), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("LA: accuracy just after training each task (%)")
+    ax.set_ylabel("Forgetting: drop from each task's best (%)")
+    ax.margins(0.15)  # room for the labels at the edges
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return figure_bytes(fig)
+
+
 def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """`RUN_DIR` or `LABEL=RUN_DIR` items, grouped by label in order of first appearance."""
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -265,7 +291,7 @@ def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]
 
 
 def write_comparison(out_dir: str | Path, summary: dict[str, Any]) -> str:
-    """Write comparison.json/.md/.png, heatmaps.png and task_curves.png into `out_dir`.
+    """Write comparison.json/.md/.png, heatmaps.png, task_curves.png and tradeoff.png into `out_dir`.
 
     Returns the Markdown table.
     """
@@ -277,4 +303,5 @@ def write_comparison(out_dir: str | Path, summary: dict[str, Any]) -> str:
     atomic_write_bytes(out / "comparison.png", comparison_png(summary))
     atomic_write_bytes(out / "heatmaps.png", heatmaps_png(summary))
     atomic_write_bytes(out / "task_curves.png", task_curves_png(summary))
+    atomic_write_bytes(out / "tradeoff.png", tradeoff_png(summary))
     return text
