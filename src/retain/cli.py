@@ -13,7 +13,7 @@ from retain.errors import RetainError
 
 
 def _format_matrix(metrics: dict[str, Any]) -> str:
-    from retain.eval.report import row_labels
+    from retain.eval.report import SUMMARY_KEYS, row_labels
 
     tasks = metrics["tasks"]
     labels = row_labels(tasks)
@@ -26,7 +26,7 @@ def _format_matrix(metrics: dict[str, Any]) -> str:
             label.ljust(width) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, cols, strict=True))
         )
     values = []
-    for key in ("last", "avg", "learning_accuracy", "bwt", "fwt", "forgetting", "last_micro", "avg_micro"):
+    for key in SUMMARY_KEYS:
         v = metrics.get(key)
         values.append(f"{key}={'n/a' if v is None else f'{100 * v:.1f}'}")
     mode = metrics.get("eval_mode", "generate")

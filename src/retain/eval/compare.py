@@ -140,8 +140,8 @@ def _header(*columns: str) -> list[str]:
 
 
 def comparison_markdown(summary: dict[str, Any]) -> str:
-    metrics = METRIC_COLUMNS.values()
-    lines = _header("run", "method", "seeds", *metrics, "wall (min)")
+    headings = METRIC_COLUMNS.values()
+    lines = _header("run", "method", "seeds", *headings, "wall (min)")
     for label, entry in summary.items():
         cells = [_pct(entry[key]["mean"], entry[key]["sd"]) for key in METRIC_KEYS]
         wall = _minutes(entry["wall_time_s"])
@@ -151,7 +151,7 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         "",
         "Accuracy in %, mean ± sample standard deviation over seeds. LA: each task just after its training.",
         "",
-        *_header("run", "seed", *metrics, "wall (min)"),
+        *_header("run", "seed", *headings, "wall (min)"),
     ]
     for entry in summary.values():
         for run in entry["per_run"]:
@@ -161,7 +161,7 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     missing = {"mean": None, "sd": None}
     for name in sorted({name for entry in summary.values() for name in entry["extra"]}):
         lines += ["", f"`{name}` (an extra matrix, read with the same definitions):", ""]
-        lines += _header("run", *metrics)
+        lines += _header("run", *headings)
         for label, entry in summary.items():
             stats = entry["extra"].get(name, {})
             cells = [_pct(**stats.get(key, missing)) for key in METRIC_KEYS]

@@ -21,6 +21,8 @@ REPORT_MD = "report.md"
 LOSS_PNG = "loss_curve.png"
 #: Per-task training logs (the Trainer's log history) live here, as `train_task_<id>.json`.
 LOG_DIR = "logs"
+#: The metrics a run's summary shows (report.md, the lines `retain run` and `retain report` print).
+SUMMARY_KEYS = ("last", "avg", "learning_accuracy", "bwt", "fwt", "forgetting", "last_micro", "avg_micro")
 
 
 def row_labels(tasks: list[str]) -> list[str]:
@@ -133,8 +135,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         "| Last | Avg | LA | BWT | FWT | Forgetting | Last (micro) | Avg (micro) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    keys = ("last", "avg", "learning_accuracy", "bwt", "fwt", "forgetting", "last_micro", "avg_micro")
-    lines += ["| " + " | ".join(_fmt(metrics.get(k)) for k in keys) + " |", ""]
+    lines += ["| " + " | ".join(_fmt(metrics.get(k)) for k in SUMMARY_KEYS) + " |", ""]
     lines += [
         "## Accuracy matrix (%)",
         "",
