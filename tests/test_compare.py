@@ -13,6 +13,7 @@ from retain.eval.compare import (
     parse_run_args,
     run_label,
     seen_average_curve,
+    tradeoff_figure,
 )
 
 TASKS = ["a", "b"]
@@ -89,6 +90,30 @@ def test_learned_and_forgotten_points(tmp_path):
     points = learned_and_forgotten(compare(parse_run_args([str(one), str(two), str(gap)])))
     # LA (0.8 + 0.6) / 2 and (0.6 + 0.8) / 2; Forgetting 0.8 - 0.4 and 0.6 - 0.6.
     assert points == [("seq", pytest.approx(70.0), pytest.approx(20.0))]
+
+
+def test_tradeoff_labels_do_not_overlap_when_points_crowd():
+    """Ten groups within a fraction of a point of each other: every label is still readable on its own."""
+    from matplotlib.text import Text
+
+    summary = {
+        f"method_{i}": {
+            "learning_accuracy": {"mean": 0.50 + 0.001 * i},
+            "forgetting": {"mean": 0.10 + 0.001 * (i % 3)},
+        }
+        for i in range(10)
+    }
+    summary["far"] = {"learning_accuracy": {"mean": 0.9}, "forgetting": {"mean": 0.4}}
+    fig = tradeoff_figure(summary)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    boxes = [Text.get_window_extent(text) for text in ax.texts]  # the text alone, not its line
+    assert sorted(text.get_text() for text in ax.texts) == sorted(summary)
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :]), ax.texts[i].get_text()
+        assert ax.get_window_extent().contains(box.x0, box.y0) and ax.get_window_extent().contains(
+            box.x1, box.y1
+        )
 
 
 def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):

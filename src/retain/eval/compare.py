@@ -256,20 +256,27 @@ def learned_and_forgotten(summary: dict[str, Any]) -> list[tuple[str, float, flo
     return points
 
 
-def tradeoff_png(summary: dict[str, Any]) -> bytes:
+def tradeoff_figure(summary: dict[str, Any]):
     """What each group learned (LA) against what it forgot afterwards (Forgetting), one point per group."""
-    from retain.eval.report import figure_bytes, pyplot
+    from retain.eval.report import label_points, pyplot
 
+    points = learned_and_forgotten(summary)
     fig, ax = pyplot().subplots(figsize=(5.2, 4))
-    for label, learned, forgotten in learned_and_forgotten(summary):
+    for _, learned, forgotten in points:
         ax.plot(learned, forgotten, "o", color="#1f77b4")
-        ax.annotate(label, (learned, forgotten), xytext=(4, 3), textcoords="offset points", fontsize=8)
     ax.set_xlabel("LA: accuracy just after training each task (%)")
     ax.set_ylabel("Forgetting: drop from each task's best (%)")
     ax.margins(0.15)  # room for the labels at the edges
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return figure_bytes(fig)
+    label_points(ax, points)
+    return fig
+
+
+def tradeoff_png(summary: dict[str, Any]) -> bytes:
+    from retain.eval.report import figure_bytes
+
+    return figure_bytes(tradeoff_figure(summary))
 
 
 def parse_run_args(items: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:

@@ -211,6 +211,65 @@ def draw_heatmap(ax, tasks: list[str], matrix: list[list[float | None]], title: 
     return image
 
 
+# Where a point's label may go, in points from the marker: at its four corners first, then up and
+# down a column on either side, one text line (11 points) further each time.
+NEAR_LABEL_OFFSETS = [(4, 3), (4, -11), (-4, 3), (-4, -11)]
+LABEL_OFFSETS = NEAR_LABEL_OFFSETS + [
+    (dx, dy) for step in range(1, 12) for dy in (3 + 11 * step, -11 - 11 * step) for dx in (12, -12)
+]
+
+
+def label_points(ax, points: list[tuple[str, float, float]]) -> list:
+    """Write each (label, x, y) beside its point, inside the axes and clear of the labels and markers
+    placed so far.
+
+    Tries the offsets of LABEL_OFFSETS in order (the last one is taken if none is clear); a label
+    moved past its point's corners gets a thin line to its point. Call after the layout is final: the
+    check is in screen coordinates.
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    markers = [ax.transData.transform((x, y)) for _, x, y in points]
+    taken = [matplotlib_bbox(px - 4, py - 4, px + 4, py + 4) for px, py in markers]
+
+    def write(label, xy, offset, line):
+        return ax.annotate(
+            label,
+            xy,
+            xytext=offset,
+            textcoords="offset points",
+            fontsize=8,
+            ha="right" if offset[0] < 0 else "left",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"} if line else None,
+        )
+
+    texts = []
+    for label, x, y in points:
+        for number, offset in enumerate(LABEL_OFFSETS):
+            text = write(label, (x, y), offset, line=False)
+            box = text.get_window_extent(renderer).padded(1)
+            clear = (
+                box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1
+            )
+            if number == len(LABEL_OFFSETS) - 1 or (clear and not any(box.overlaps(o) for o in taken)):
+                break
+            text.remove()
+        if number >= len(
+            NEAR_LABEL_OFFSETS
+        ):  # far from its point: draw the line (the box above is the text's alone)
+            text.remove()
+            text = write(label, (x, y), offset, line=True)
+        taken.append(box)
+        texts.append(text)
+    return texts
+
+
+def matplotlib_bbox(x0: float, y0: float, x1: float, y1: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (imported on first use)."""
     import matplotlib
