@@ -96,6 +96,8 @@ def test_tradeoff_labels_do_not_overlap_when_points_crowd():
     """Ten groups within a fraction of a point of each other: every label is still readable on its own."""
     from matplotlib.text import Text
 
+    from retain.eval.report import pyplot
+
     summary = {
         f"method_{i}": {
             "learning_accuracy": {"mean": 0.50 + 0.001 * i},
@@ -109,11 +111,11 @@ def test_tradeoff_labels_do_not_overlap_when_points_crowd():
     ax = fig.axes[0]
     boxes = [Text.get_window_extent(text) for text in ax.texts]  # the text alone, not its line
     assert sorted(text.get_text() for text in ax.texts) == sorted(summary)
+    axes_box = ax.get_window_extent()
     for i, box in enumerate(boxes):
         assert not any(box.overlaps(other) for other in boxes[i + 1 :]), ax.texts[i].get_text()
-        assert ax.get_window_extent().contains(box.x0, box.y0) and ax.get_window_extent().contains(
-            box.x1, box.y1
-        )
+        assert axes_box.contains(box.x0, box.y0) and axes_box.contains(box.x1, box.y1)
+    pyplot().close(fig)
 
 
 def test_mixed_task_sequences_in_a_group_are_an_error(tmp_path):

@@ -254,9 +254,8 @@ def label_points(ax, points: list[tuple[str, float, float]]) -> list:
             if number == len(LABEL_OFFSETS) - 1 or (clear and not any(box.overlaps(o) for o in taken)):
                 break
             text.remove()
-        if number >= len(
-            NEAR_LABEL_OFFSETS
-        ):  # far from its point: draw the line (the box above is the text's alone)
+        # Far from its point: draw the line (the box checked above is the text's alone).
+        if number >= len(NEAR_LABEL_OFFSETS):
             text.remove()
             text = write(label, (x, y), offset, line=True)
         taken.append(box)
