@@ -227,10 +227,12 @@ def label_points(ax, points: list[tuple[str, float, float]]) -> list:
     moved past its point's corners gets a thin line to its point. Call after the layout is final: the
     check is in screen coordinates.
     """
+    from matplotlib.transforms import Bbox
+
     renderer = ax.figure.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     markers = [ax.transData.transform((x, y)) for _, x, y in points]
-    taken = [matplotlib_bbox(px - 4, py - 4, px + 4, py + 4) for px, py in markers]
+    taken = [Bbox.from_extents(px - 4, py - 4, px + 4, py + 4) for px, py in markers]
 
     def write(label, xy, offset, line):
         return ax.annotate(
@@ -248,9 +250,7 @@ def label_points(ax, points: list[tuple[str, float, float]]) -> list:
         for number, offset in enumerate(LABEL_OFFSETS):
             text = write(label, (x, y), offset, line=False)
             box = text.get_window_extent(renderer).padded(1)
-            clear = (
-                box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1
-            )
+            clear = inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
             if number == len(LABEL_OFFSETS) - 1 or (clear and not any(box.overlaps(o) for o in taken)):
                 break
             text.remove()
@@ -261,12 +261,6 @@ def label_points(ax, points: list[tuple[str, float, float]]) -> list:
         taken.append(box)
         texts.append(text)
     return texts
-
-
-def matplotlib_bbox(x0: float, y0: float, x1: float, y1: float):
-    from matplotlib.transforms import Bbox
-
-    return Bbox([[x0, y0], [x1, y1]])
 
 
 def pyplot():
